@@ -1,0 +1,366 @@
+"""Runs calls and placed children on a runner (and, in-process, for ``LocalBackend``).
+
+Sync functions run in worker threads (started on demand, reused); ``async def`` functions, and
+sync functions that return an awaitable, run as tasks on a separate "user" event loop thread,
+so user code can never stall the control loop that answers heartbeats. Every entry point is
+called on the control loop thread; completion callbacks run on the worker or user-loop thread.
+
+Cancelling (deadline passed, caller gave up, linked parent lost) cancels a task, or raises
+:class:`flame.CallTimeout` / :class:`CancelledByParent` inside the worker thread
+(``PyThreadState_SetAsyncExc``). Work that has not stopped ``cancel_grace`` seconds later is
+reported through ``on_stuck``: the runner then exits, since a thread cannot be killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import inspect
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _wire
+from .._errors import CallTimeout, ChildEnded, SerializationError
+
+Outcome = tuple[int, Any]
+Loader = Callable[[], tuple[Any, tuple[Any, ...]]]
+DoneCallback = Callable[[Outcome], None]
+
+DEFAULT_CANCEL_GRACE = 3.0
+
+
+class CancelledByParent(Exception):
+    """Raised inside remote work that the parent cancelled, or whose parent was lost."""
+
+
+def _raise_in_thread(ident: int, exc_type: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc_type) if exc_type is not None else None
+    )
+
+
+def format_remote(exc: BaseException) -> str:
+    """The traceback text of a remote exception, without flame's own frames on top."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("flame."):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def outcome_of_exception(exc: BaseException) -> Outcome:
+    if isinstance(exc, CallTimeout):
+        return (_wire.STATUS_TIMEOUT, str(exc) or "the call's deadline passed on the runner")
+    if isinstance(exc, CancelledByParent | asyncio.CancelledError):
+        return (_wire.STATUS_CANCELLED, str(exc) or "cancelled")
+    return (_wire.STATUS_RAISED, (exc, format_remote(exc)))
+
+
+@dataclass(eq=False)
+class Job:
+    id: int
+    link: bool
+    on_done: DoneCallback
+    thread: int | None = None  # ident of the worker running sync user code
+    task: concurrent.futures.Future[Any] | None = None  # the user-loop task, if async
+    finished: bool = False
+    cancel_exc: type[BaseException] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    is_child: bool = False
+    obj: Any = None  # the placed child's object
+
+
+class Executor:
+    def __init__(
+        self,
+        control: asyncio.AbstractEventLoop,
+        *,
+        on_change: Callable[[], None],
+        on_stuck: Callable[[int], None],
+        cancel_grace: float = DEFAULT_CANCEL_GRACE,
+    ) -> None:
+        self.control = control
+        self.on_change = on_change  # control loop: the set of jobs changed
+        self.on_stuck = on_stuck
+        self.cancel_grace = cancel_grace
+        self.jobs: dict[int, Job] = {}
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle_workers = 0
+        self._workers_lock = threading.Lock()
+        self._user_loop: asyncio.AbstractEventLoop | None = None
+        self._user_lock = threading.Lock()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self.closed = False
+
+    # -- threads ----------------------------------------------------------------------------
+    def _spawn(self, work: Callable[[], None]) -> None:
+        with self._workers_lock:
+            if self._idle_workers > 0:
+                self._idle_workers -= 1
+                self._queue.put(work)
+                return
+        t = threading.Thread(target=self._worker, args=(work,), name="flame-worker", daemon=True)
+        t.start()
+
+    def _worker(self, work: Callable[[], None] | None) -> None:
+        while work is not None:
+            try:
+                work()
+            except BaseException:
+                pass
+            with self._workers_lock:
+                self._idle_workers += 1
+            work = self._queue.get()
+
+    def user_loop(self) -> asyncio.AbstractEventLoop:
+        with self._user_lock:
+            if self._user_loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def main() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(target=main, name="flame-user-loop", daemon=True).start()
+                ready.wait()
+                self._user_loop = loop
+            return self._user_loop
+
+    # -- calls --------------------------------------------------------------------------------
+    def start_call(
+        self,
+        call_id: int,
+        load: Loader,
+        *,
+        timeout: float | None,
+        link: bool,
+        on_done: DoneCallback,
+    ) -> None:
+        job = Job(call_id, link, on_done)
+        self.jobs[call_id] = job
+        if timeout is not None:
+            self._timers[call_id] = self.control.call_later(
+                max(timeout, 0.0), self.cancel, call_id, CallTimeout
+            )
+        self._spawn(lambda: self._run(job, load))
+        self.on_change()
+
+    def _run(self, job: Job, load: Loader) -> None:
+        outcome: Outcome
+        try:
+            try:
+                fn, args = load()
+            except Exception as exc:
+                raise _LoadFailed(exc) from exc
+            outcome = self._execute(job, fn, args)
+        except _LoadFailed as lf:
+            err = SerializationError(
+                f"cannot unpickle the call on the runner: {type(lf.exc).__name__}: {lf.exc}"
+            )
+            outcome = (_wire.STATUS_RAISED, (err, format_remote(lf.exc)))
+        except BaseException as exc:
+            outcome = outcome_of_exception(exc)
+        self._finish(job, outcome)
+
+    def _execute(self, job: Job, fn: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+        if _is_async(fn):
+            return self._await(job, lambda: fn(*args))
+        with job.lock:
+            if job.cancel_exc is not None:
+                return outcome_of_exception(job.cancel_exc())
+            job.thread = threading.get_ident()
+        try:
+            value = fn(*args)
+        except BaseException as exc:
+            self._leave_thread(job)
+            return outcome_of_exception(exc)
+        self._leave_thread(job)
+        if inspect.isawaitable(value):
+            return self._await(job, lambda: value)
+        return (_wire.STATUS_OK, value)
+
+    def _leave_thread(self, job: Job) -> None:
+        with job.lock:
+            job.thread = None
+            if job.cancel_exc is not None:
+                _raise_in_thread(threading.get_ident(), None)  # drop a pending async raise
+
+    def _await(self, job: Job, make: Callable[[], Any]) -> Outcome:
+        async def runner() -> Any:
+            return await make()
+
+        with job.lock:
+            if job.cancel_exc is not None:
+                return outcome_of_exception(job.cancel_exc())
+            job.task = asyncio.run_coroutine_threadsafe(runner(), self.user_loop())
+        try:
+            return (_wire.STATUS_OK, job.task.result())
+        except concurrent.futures.CancelledError:
+            exc_type = job.cancel_exc or CancelledByParent
+            return outcome_of_exception(exc_type())
+        except BaseException as exc:
+            return outcome_of_exception(exc)
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        try:
+            job.on_done(outcome)
+        finally:
+            if not self.control.is_closed():
+                self.control.call_soon_threadsafe(self._forget, job.id)
+
+    def _forget(self, call_id: int) -> None:
+        self.jobs.pop(call_id, None)
+        timer = self._timers.pop(call_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.on_change()
+
+    def cancel(self, call_id: int, exc_type: type[BaseException] = CancelledByParent) -> None:
+        """Stop a job (control loop thread). Reports ``on_stuck`` if it does not stop in time."""
+        job = self.jobs.get(call_id)
+        if job is None or job.finished:
+            return
+        with job.lock:
+            if job.cancel_exc is not None:
+                return
+            job.cancel_exc = exc_type
+            if job.task is not None:
+                loop = self.user_loop()
+                loop.call_soon_threadsafe(job.task.cancel)
+            elif job.thread is not None:
+                _raise_in_thread(job.thread, exc_type)
+            if job.is_child:
+                self._close_child(job)
+        self.control.call_later(self.cancel_grace, self._check_stuck, job)
+
+    def _check_stuck(self, job: Job) -> None:
+        if not job.finished and job.id in self.jobs:
+            self.on_stuck(job.id)
+
+    # -- placed children -------------------------------------------------------------------------
+    def place_child(
+        self,
+        child_id: int,
+        load: Loader,
+        *,
+        link: bool,
+        on_built: DoneCallback,
+        on_exit: DoneCallback,
+    ) -> None:
+        """Build ``factory(*args)``; report through ``on_built``; then run its ``run()``."""
+        job = Job(child_id, link, on_exit, is_child=True)
+        self.jobs[child_id] = job
+
+        def build() -> None:
+            try:
+                factory, args = load()
+                obj = factory(*args)
+            except BaseException as exc:
+                outcome = outcome_of_exception(exc)
+                on_built(outcome)
+                job.finished = True
+                self.control.call_soon_threadsafe(self._forget, child_id)
+                return
+            job.obj = obj
+            on_built((_wire.STATUS_OK, None))
+            run = getattr(obj, "run", None)
+            if not callable(run):
+                return  # lives until stopped
+            outcome = self._execute(job, run, ())
+            self._finish(job, outcome)
+
+        self._spawn(build)
+        self.on_change()
+
+    def child_call(
+        self,
+        call_id: int,
+        child_id: int,
+        load: Loader,
+        *,
+        timeout: float | None,
+        on_done: DoneCallback,
+    ) -> None:
+        child = self.jobs.get(child_id)
+        if child is None or not child.is_child or child.finished:
+            on_done((_wire.STATUS_RAISED, (ChildEnded("the placed child has ended"), "")))
+            return
+
+        def bound() -> tuple[Any, tuple[Any, ...]]:
+            name, args = load()
+            return getattr(child.obj, name), args
+
+        job = Job(call_id, child.link, on_done)
+        self.jobs[call_id] = job
+        if timeout is not None:
+            self._timers[call_id] = self.control.call_later(
+                max(timeout, 0.0), self.cancel, call_id, CallTimeout
+            )
+        self._spawn(lambda: self._run(job, bound))
+
+    def stop_child(self, child_id: int) -> None:
+        job = self.jobs.get(child_id)
+        if job is None or not job.is_child:
+            return
+        if job.obj is not None and not callable(getattr(job.obj, "run", None)):
+            # no run(): closing it ends it
+            self._close_child(job)
+            self._finish(job, (_wire.STATUS_OK, None))
+            return
+        self.cancel(child_id, CancelledByParent)
+
+    def _close_child(self, job: Job) -> None:
+        close = getattr(job.obj, "close", None)
+        if callable(close):
+
+            def do_close() -> None:
+                try:
+                    result = close()
+                    if inspect.isawaitable(result):
+                        asyncio.run_coroutine_threadsafe(_awaitable(result), self.user_loop())
+                except Exception:
+                    pass
+
+            self._spawn(do_close)
+
+    # -- whole-runner transitions ---------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        return sum(1 for j in self.jobs.values() if not j.finished)
+
+    def cancel_linked(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.link:
+                self.cancel(job.id, CancelledByParent)
+
+    def cancel_all(self) -> None:
+        for job in list(self.jobs.values()):
+            self.cancel(job.id, CancelledByParent)
+
+
+class _LoadFailed(Exception):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+async def _awaitable(a: Any) -> Any:
+    return await a
+
+
+def _is_async(fn: Any) -> bool:
+    while hasattr(fn, "func") and not inspect.isfunction(fn):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )

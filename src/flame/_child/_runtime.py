@@ -1,0 +1,357 @@
+"""The runner's side of the connection, and its terminator.
+
+After the app has been imported, :func:`serve` dials the parent, runs the handshake (see
+``flame._wire``), then serves frames on the control loop until one of the runner life-cycle
+rules ends it, and returns the exit code:
+
+* the parent sends SHUTDOWN (pool stop, retire, or an IDLE request granted): in-flight work
+  gets ``shutdown_timeout``, then is cancelled;
+* idle (no call, no child) for ``idle_after`` and the idle check passes: ask the parent (IDLE);
+  it answers SHUTDOWN or KEEP, so a runner never leaves while a call is on its way;
+* a single-use runner's call is done;
+* the parent is lost (closed connection, or heartbeats stop): linked work is cancelled at
+  once, unlinked work gets ``shutdown_timeout``;
+* a cancelled call has not stopped within the grace period: the runner exits (STUCK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import socket
+import sys
+import time
+from typing import Any
+
+from .. import _serialize, _wire
+from .._errors import SerializationError
+from .._parent import LaunchInfo
+from ._executor import Executor, Outcome
+from ._exits import ExitCode
+
+_CONNECT_ATTEMPT_TIMEOUT = 3.0
+
+
+class _Exit(Exception):
+    def __init__(self, code: ExitCode, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _dial(info: LaunchInfo, deadline: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    last: Exception | None = None
+    delay = 0.05
+    while True:
+        for host, port in info.addresses:
+            try:
+                remaining = max(0.1, min(_CONNECT_ATTEMPT_TIMEOUT, deadline - time.monotonic()))
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                family, stype, proto, _, addr = infos[0]
+                sock = socket.socket(family, stype, proto)
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(loop.sock_connect(sock, addr), remaining)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            except (OSError, TimeoutError) as exc:
+                last = exc
+        if time.monotonic() + delay > deadline:
+            raise _Exit(ExitCode.FAILSAFE, f"could not reach the parent: {last}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _encode_outcome(outcome: Outcome, what: str) -> tuple[int, list[bytes | memoryview]]:
+    """Pickle an outcome for RESULT / CHILD_EXIT.
+
+    A raised exception travels as ``(pickled exception or None, type name, message,
+    traceback)`` so that the parent can still report it when the exception itself will not
+    pickle here or unpickle there.
+    """
+    status, value = outcome
+    if status == _wire.STATUS_OK:
+        try:
+            data, bufs = _serialize.dumps_value(value, what)
+            return status, _wire.section_parts(data, bufs)
+        except SerializationError as exc:
+            status, value = _wire.STATUS_RAISED, (exc, "")
+    if status == _wire.STATUS_RAISED:
+        error, tb = value
+        try:
+            blob: bytes | None = _serialize.dumps(error)[0]
+        except Exception:
+            blob = None
+        value = (blob, _qualname(type(error)), str(error), tb)
+    data, bufs = _serialize.dumps(value)
+    return status, _wire.section_parts(data, bufs)
+
+
+def _qualname(t: type) -> str:
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class RunnerSession:
+    """Serves one authenticated connection until an exit rule fires."""
+
+    def __init__(self, info: LaunchInfo, config: dict[str, Any]) -> None:
+        self.info = info
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        self.idle_after: float | None = config.get("idle_after")
+        self.shutdown_timeout: float | None = config.get("shutdown_timeout")
+        self.single_use = bool(config.get("single_use"))
+        self.idle_check: Any = None
+        self.done: asyncio.Future[ExitCode] = self.loop.create_future()
+        self.executor = Executor(
+            self.loop,
+            on_change=self._on_change,
+            on_stuck=self._on_stuck,
+            cancel_grace=float(config.get("cancel_grace", 3.0)),
+        )
+        self.conn: _wire.Connection | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._idle_asking = False
+        self._draining = False
+        self._served = 0
+
+    # -- frames (control loop) ----------------------------------------------------------------
+    def on_frame(self, kind: int, body: memoryview) -> None:
+        if kind == _wire.PING:
+            return
+        if kind == _wire.CALL:
+            call_id, flags, timeout = _wire.CALL_HEAD.unpack_from(body, 0)
+            payload = body[_wire.CALL_HEAD.size :]
+            self._served += 1
+            load = _loader(payload)
+            link = bool(flags & _wire.FLAG_LINK)
+            if flags & _wire.FLAG_CHILD:
+                self.executor.place_child(
+                    call_id,
+                    load,
+                    link=link,
+                    on_built=functools.partial(self._reply, _wire.RESULT, call_id, "child"),
+                    on_exit=functools.partial(
+                        self._reply, _wire.CHILD_EXIT, call_id, "child's run() result"
+                    ),
+                )
+            else:
+                self.executor.start_call(
+                    call_id,
+                    load,
+                    timeout=None if timeout < 0 else timeout,
+                    link=link,
+                    on_done=functools.partial(self._reply, _wire.RESULT, call_id, "result"),
+                )
+        elif kind == _wire.CHILD_CALL:
+            call_id, child_id, timeout = _wire.CHILD_CALL_HEAD.unpack_from(body, 0)
+            load = _loader(body[_wire.CHILD_CALL_HEAD.size :])
+            self.executor.child_call(
+                call_id,
+                child_id,
+                load,
+                timeout=None if timeout < 0 else timeout,
+                on_done=functools.partial(self._reply, _wire.RESULT, call_id, "result"),
+            )
+        elif kind == _wire.CANCEL:
+            (call_id,) = _wire.ID_HEAD.unpack_from(body, 0)
+            self.executor.cancel(call_id)
+        elif kind == _wire.CHILD_STOP:
+            (child_id,) = _wire.ID_HEAD.unpack_from(body, 0)
+            self.executor.stop_child(child_id)
+        elif kind == _wire.CONFIG:
+            data, bufs = _wire.split_section(body)
+            self.idle_check = _serialize.loads(data, bufs).get("idle_check")
+        elif kind == _wire.KEEP:
+            (retry,) = _wire.FLOAT.unpack_from(body, 0)
+            self._idle_asking = False
+            if retry >= 0:
+                self._arm_idle(retry)
+        elif kind == _wire.SHUTDOWN:
+            code = ExitCode.IDLE if self._idle_asking else ExitCode.STOPPED
+            self.loop.create_task(self._drain(code, cancel_linked=False))
+        else:
+            raise _wire.ProtocolError(f"unexpected message kind {kind} from the parent")
+
+    def on_close(self, reason: str) -> None:
+        if self.done.done() or self._draining:
+            return
+        print(f"flame runner {self.info.runner_id}: parent lost ({reason})", file=sys.stderr)
+        self.loop.create_task(self._drain(ExitCode.PARENT_LOST, cancel_linked=True))
+
+    # -- replies (worker threads) ---------------------------------------------------------------
+    def _reply(self, kind: int, call_id: int, what: str, outcome: Outcome) -> None:
+        status, parts = _encode_outcome(outcome, what)
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.send(kind, [_wire.RESULT_HEAD.pack(call_id, status), *parts])
+        except ConnectionError:
+            pass
+
+    # -- terminator (control loop) ----------------------------------------------------------------
+    def _on_change(self) -> None:
+        busy = self.executor.busy
+        if busy:
+            self._cancel_idle()
+            return
+        if self._draining:
+            if not self.done.done():
+                self.done.set_result(self._drain_code)
+            return
+        if self.single_use and self._served:
+            self._goodbye(ExitCode.SINGLE_USE)
+            self.done.set_result(ExitCode.SINGLE_USE)
+            return
+        if self.idle_after is not None and self._idle_handle is None and not self._idle_asking:
+            self._arm_idle(self.idle_after)
+
+    def _arm_idle(self, after: float) -> None:
+        self._cancel_idle()
+        self._idle_handle = self.loop.call_later(after, self._idle_fired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _idle_fired(self) -> None:
+        self._idle_handle = None
+        if self.executor.busy or self._draining or self.done.done():
+            return
+        check = self.idle_check
+        if check is None:
+            self._ask_idle()
+            return
+
+        def run_check() -> None:
+            try:
+                ok = bool(check())
+            except Exception as exc:
+                print(f"flame runner: idle check raised {exc!r}", file=sys.stderr)
+                ok = False
+            self.loop.call_soon_threadsafe(self._check_done, ok)
+
+        self.executor._spawn(run_check)
+
+    def _check_done(self, ok: bool) -> None:
+        if self.executor.busy or self._draining:
+            return
+        if ok:
+            self._ask_idle()
+        elif self.idle_after is not None:
+            self._arm_idle(self.idle_after)
+
+    def _ask_idle(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self._idle_asking = True
+            self.conn.send_soon(_wire.IDLE)
+
+    def _on_stuck(self, call_id: int) -> None:
+        print(
+            f"flame runner {self.info.runner_id}: call {call_id} did not stop after being "
+            "cancelled; exiting",
+            file=sys.stderr,
+        )
+        self._goodbye(ExitCode.STUCK)
+        if not self.done.done():
+            self.done.set_result(ExitCode.STUCK)
+
+    def _goodbye(self, code: ExitCode) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send_soon(_wire.GOODBYE, [_wire.BYTE.pack(int(code))])
+
+    _drain_code = ExitCode.STOPPED
+
+    async def _drain(self, code: ExitCode, *, cancel_linked: bool) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        self._drain_code = code
+        self._cancel_idle()
+        if cancel_linked:
+            self.executor.cancel_linked()
+        if not self.executor.busy:
+            if not self.done.done():
+                self.done.set_result(code)
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), self.shutdown_timeout)
+        except TimeoutError:
+            self.executor.cancel_all()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.done), self.executor.cancel_grace)
+            except TimeoutError:
+                pass
+            if not self.done.done():
+                self.done.set_result(code)
+
+
+def _loader(payload: memoryview) -> Any:
+    def load() -> tuple[Any, tuple[Any, ...]]:
+        data, bufs = _wire.split_section(payload)
+        fn, args = _serialize.loads(data, bufs)
+        return fn, args
+
+    return load
+
+
+async def handshake(
+    sock: socket.socket, info: LaunchInfo
+) -> tuple[_wire.Connection, _wire.FrameQueue, dict[str, Any]]:
+    loop = asyncio.get_running_loop()
+    q = _wire.FrameQueue()
+    conn = _wire.Connection(sock, loop, on_frame=q.on_frame, on_close=q.on_close)
+    nonce_r = _wire.new_nonce()
+    conn.send_soon(_wire.HELLO, [_wire.json_body({"id": info.runner_id, "nonce": nonce_r.hex()})])
+    try:
+        challenge = await asyncio.wait_for(q.get(_wire.CHALLENGE), _wire.HANDSHAKE_TIMEOUT)
+        nonce_p = bytes.fromhex(str(challenge["nonce"]))
+        expected = _wire.proof(info.secret, b"P", nonce_r, nonce_p)
+        if not hmac.compare_digest(expected, str(challenge.get("proof", ""))):
+            raise _Exit(ExitCode.AUTH_FAILED, "the parent could not prove the runner secret")
+        mine = _wire.proof(info.secret, b"R", nonce_p, nonce_r)
+        conn.send_soon(
+            _wire.PROOF, [_wire.json_body({"proof": mine, "versions": _wire.local_versions()})]
+        )
+        welcome = await asyncio.wait_for(q.get(_wire.WELCOME), _wire.HANDSHAKE_TIMEOUT)
+    except _wire.RefusedError as exc:
+        conn.close("refused")
+        raise _Exit(ExitCode.REFUSED, f"the parent refused this runner: {exc}") from None
+    except (_wire.ProtocolError, TimeoutError, ValueError, KeyError) as exc:
+        conn.close("handshake failed")
+        raise _Exit(ExitCode.AUTH_FAILED, f"handshake with the parent failed: {exc}") from None
+    return conn, q, dict(welcome.get("config") or {})
+
+
+async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
+    deadline = started + info.failsafe
+    try:
+        sock = await _dial(info, deadline)
+        conn, q, config = await handshake(sock, info)
+    except _Exit as exc:
+        print(f"flame runner {info.runner_id}: {exc}", file=sys.stderr)
+        return int(exc.code)
+    on_connected()
+    session = RunnerSession(info, config)
+    conn.max_frame = int(config.get("max_frame", _wire.DEFAULT_MAX_FRAME))
+    conn.on_frame = session.on_frame
+    conn.on_close = session.on_close
+    session.conn = conn
+    for kind, body in q.later:
+        session.on_frame(kind, body)
+    conn.start_heartbeats(
+        float(config.get("heartbeat_interval", _wire.DEFAULT_HEARTBEAT_INTERVAL)),
+        float(config.get("heartbeat_timeout", _wire.DEFAULT_HEARTBEAT_TIMEOUT)),
+    )
+    session._on_change()
+    code = await session.done
+    if not conn.closed:
+        # let queued frames (results, GOODBYE) leave before hanging up
+        await asyncio.sleep(0)
+        conn.close("runner exiting")
+    return int(code)

@@ -1,0 +1,80 @@
+"""The background event loop: one per process, started on first use.
+
+Pools need timers and monitors that run while no caller is active (boots, heartbeats, idle
+shutdown, death detection), so every process using flame gets one daemon thread running an
+asyncio loop. The sync front door hands coroutines to it with :func:`run` (blocking) and the
+async front door with :func:`arun` (awaiting, from any other loop). The hot path of a call
+does not go through here at all: callers write their frame themselves and the loop only
+delivers the reply.
+
+After ``os.fork()`` the child gets a fresh loop on first use (the parent's thread is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+_pid = 0
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The background loop, started on first use."""
+    global _loop, _thread, _pid
+    loop = _loop
+    if loop is not None and _pid == os.getpid():
+        return loop
+    with _lock:
+        if _loop is None or _pid != os.getpid():
+            new = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def main() -> None:
+                asyncio.set_event_loop(new)
+                new.call_soon(ready.set)
+                new.run_forever()
+
+            t = threading.Thread(target=main, name="flame-loop", daemon=True)
+            t.start()
+            ready.wait()
+            _loop, _thread, _pid = new, t, os.getpid()
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the background loop and block until it is done."""
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("flame's blocking API cannot be used from flame's own loop thread")
+    fut = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return fut.result(timeout)
+    except BaseException:
+        fut.cancel()
+        raise
+
+
+async def arun(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` running on the background loop from another event loop."""
+    loop = get_loop()
+    try:
+        current = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    if current is loop:
+        return await coro
+    cfut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, loop)
+    return await asyncio.wrap_future(cfut)

@@ -1,0 +1,733 @@
+"""``flame.Pool``: options, life cycle, the name registry, and the shell around the scaling core.
+
+The pool's rules live in ``flame._scaling`` (pure). This module feeds it events and carries
+out what it answers: it boots runners (as tasks on the background loop), hands runners to
+waiting callers, retires runners, fails callers, runs the hooks and keeps the timers. The
+core is guarded by one ``threading.Lock``, so a sync caller checks a runner out from its
+own thread without a hop through the loop; every action taken under that lock is a cheap,
+non-blocking hand-off (hooks, for instance, are queued onto the loop, never run under it).
+
+Calls themselves (``call``/``acall``/``cast``/``place_child``/``map``) are in ``flame._calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _loop, _scaling, _wire
+from ._errors import BootError, CallTimeout, FlameError, PoolClosed, PoolNotFound
+from ._parent import parent as _current_parent
+from ._runner import BaseRunner, make_runner
+from ._sentinel import DEFAULT as _DEFAULT
+from .backends._base import Backend
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._calls import Child
+
+logger = logging.getLogger("flame")
+
+_registry: dict[str, Pool] = {}
+_registry_lock = threading.Lock()
+_KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a pool, as returned by :meth:`Pool.stats`."""
+
+    runners: int  # booted and serving
+    booting: int
+    retiring: int
+    in_flight: int  # calls, casts and placed children running
+    waiting: int  # callers queued for a slot
+    min: int
+    max: int
+    max_concurrency: int
+
+
+class _Waiter:
+    """A caller waiting for a runner: sync (a lock) or async (a future on its loop)."""
+
+    __slots__ = ("_fut", "_lock", "_loop", "done", "error", "runner")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.done = False
+        self.runner: BaseRunner | None = None
+        self.error: BaseException | None = None
+        self._loop = loop
+        self._fut: asyncio.Future[None] | None = None
+        self._lock: threading.Lock | None = None
+        if loop is None:
+            self._lock = threading.Lock()
+            self._lock.acquire()
+        else:
+            self._fut = loop.create_future()
+
+    def _set(self) -> None:  # under the pool lock
+        self.done = True
+        if self._lock is not None:
+            self._lock.release()
+        elif self._fut is not None and self._loop is not None:
+            fut = self._fut
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_set_none, fut)
+
+    def assign(self, runner: BaseRunner) -> None:
+        self.runner = runner
+        self._set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._set()
+
+
+def _set_none(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _check_time(name: str, value: Any, *, allow_none: bool) -> float | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a number of seconds, not None")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or math.isnan(value):
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+class Pool:
+    """An elastic pool of runners: copies of this app, booted on demand.
+
+    Args:
+        name: the pool's name, under which a started pool is registered (``flame.call(name, ...)``).
+        max: the most runners the pool ever has at once, booting ones included.
+        min: runners kept up from :meth:`start` on (forced to 0 inside a runner).
+        max_concurrency: calls (and placed children) one runner serves at once.
+        backend: a :class:`flame.Backend`, or ``"local"``, ``"process"``, ``"fly"``,
+            ``"kubernetes"``; ``None`` picks the configured default (``flame.configure``,
+            then ``FLAME_BACKEND``, then ``"local"``).
+        timeout: default bound on running a call (seconds; ``None``: no limit).
+        boot_timeout: bound on booting a runner, and by default on waiting for one.
+        shutdown_timeout: how long in-flight work may take to finish on stop or drain.
+        idle_shutdown_after: runners beyond ``min`` shut down after this long without work
+            (``None``: never). Or ``(seconds, check)``: only once ``check()``, run on the
+            runner, also returns true.
+        min_idle_shutdown_after: the same for the ``min`` runners (default ``None``: never).
+        single_use: each runner serves one call, then shuts down (``min`` is still kept).
+        on_grow_start, on_grow_end, on_shrink: hooks, called with ``meta`` (``{"name",
+            "count"}``); ``on_grow_end(result, meta)`` gets ``"ok"`` or the exception.
+        log: ``False``, or a logging level at which pool events are logged on ``flame``.
+        boot_ahead: start booting the next runner when fewer than this many free slots
+            remain while work is in flight (0: boot only for callers already waiting).
+
+    Use ``with Pool(...) as pool:`` / ``async with``, or :meth:`start` and :meth:`stop`.
+    A pool that is used before being started starts itself.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max: int,
+        min: int = 0,
+        max_concurrency: int = 100,
+        backend: Backend | str | None = None,
+        timeout: float | None = 30.0,
+        boot_timeout: float = 30.0,
+        shutdown_timeout: float = 30.0,
+        idle_shutdown_after: float | tuple[float, Callable[[], bool]] | None = 30.0,
+        min_idle_shutdown_after: float | None = None,
+        single_use: bool = False,
+        on_grow_start: Callable[[dict[str, Any]], Any] | None = None,
+        on_grow_end: Callable[[Any, dict[str, Any]], Any] | None = None,
+        on_shrink: Callable[[dict[str, Any]], Any] | None = None,
+        log: bool | int | str = False,
+        boot_ahead: int = 0,
+    ) -> None:
+        from ._api import resolve_backend
+
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        for opt, val, low in (
+            ("max", max, 1),
+            ("min", min, 0),
+            ("max_concurrency", max_concurrency, 1),
+            ("boot_ahead", boot_ahead, 0),
+        ):
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise ValueError(f"{opt} must be an int, got {val!r}")
+            if val < low:
+                raise ValueError(f"{opt} must be >= {low}, got {val}")
+        if max < min:
+            raise ValueError(f"max ({max}) must be >= min ({min})")
+        self.timeout = _check_time("timeout", timeout, allow_none=True)
+        self.boot_timeout: float = _check_time("boot_timeout", boot_timeout, allow_none=False)  # type: ignore[assignment]
+        self.shutdown_timeout: float = _check_time(  # type: ignore[assignment]
+            "shutdown_timeout", shutdown_timeout, allow_none=False
+        )
+        check: Callable[[], bool] | None = None
+        if isinstance(idle_shutdown_after, tuple):
+            if len(idle_shutdown_after) != 2 or not callable(idle_shutdown_after[1]):
+                raise ValueError(
+                    "idle_shutdown_after must be seconds, None, or a (seconds, check) tuple "
+                    "whose check is callable"
+                )
+            idle_secs, check = idle_shutdown_after
+            self._idle_after = _check_time("idle_shutdown_after", idle_secs, allow_none=True)
+        else:
+            self._idle_after = _check_time(
+                "idle_shutdown_after", idle_shutdown_after, allow_none=True
+            )
+        self.idle_shutdown_after = idle_shutdown_after
+        self.min_idle_shutdown_after = _check_time(
+            "min_idle_shutdown_after", min_idle_shutdown_after, allow_none=True
+        )
+        for hook_name, hook in (
+            ("on_grow_start", on_grow_start),
+            ("on_grow_end", on_grow_end),
+            ("on_shrink", on_shrink),
+        ):
+            if hook is not None and not callable(hook):
+                raise ValueError(f"{hook_name} must be callable or None, got {hook!r}")
+        if log is not False and not isinstance(log, bool | int | str):
+            raise ValueError(f"log must be False or a logging level, got {log!r}")
+        self.name = name
+        self.max = max
+        self.min = 0 if _current_parent() is not None else min
+        self.max_concurrency = max_concurrency
+        self.single_use = bool(single_use)
+        self.on_grow_start = on_grow_start
+        self.on_grow_end = on_grow_end
+        self.on_shrink = on_shrink
+        self.log = log
+        self.boot_ahead = boot_ahead
+        self.backend: Backend = resolve_backend(backend)
+        self._idle_check = check
+        self._lock = threading.Lock()
+        self._core = _scaling.Scaler(
+            min=self.min,
+            max=max,
+            max_concurrency=max_concurrency,
+            single_use=self.single_use,
+            idle_shutdown_after=self._idle_after,
+            min_idle_shutdown_after=self.min_idle_shutdown_after,
+            boot_ahead=boot_ahead,
+        )
+        self._runners: dict[int, BaseRunner] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._boot_tasks: dict[int, asyncio.Task[None]] = {}
+        self._next_waiter = 0
+        self._state = "new"
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = math.inf
+        self._stopped: asyncio.Event | None = None
+        self._gone_event: asyncio.Event | None = None
+        self._start_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop = _loop.get_loop()
+        from ._api import _settings
+
+        self._max_frame = _settings.max_frame
+        self._cancel_grace = _settings.cancel_grace
+
+    # -- introspection -------------------------------------------------------------------------
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool: runners, boots, work in flight and callers waiting."""
+        with self._lock:
+            core = self._core
+            return PoolStats(
+                runners=core.count(_scaling.RState.READY),
+                booting=core.count(_scaling.RState.BOOTING),
+                retiring=core.count(_scaling.RState.RETIRING),
+                in_flight=core.in_flight(),
+                waiting=len(core.waiters),
+                min=self.min,
+                max=self.max,
+                max_concurrency=self.max_concurrency,
+            )
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<Pool {self.name!r} runners={s.runners} booting={s.booting} "
+            f"in_flight={s.in_flight} waiting={s.waiting}>"
+        )
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> Pool:
+        """Boot ``min`` runners, register the pool under its name, and return it.
+
+        Raises :class:`flame.BootError` if one of the ``min`` runners cannot boot.
+        """
+        _loop.run(self.astart())
+        return self
+
+    async def astart(self) -> Pool:
+        """The async form of :meth:`start`."""
+        await _loop.arun(self._start())
+        return self
+
+    async def _start(self) -> None:
+        if self._state == "started":
+            return
+        if self._state != "new":
+            raise PoolClosed(f"pool {self.name!r} was stopped; create a new Pool to start again")
+        with _registry_lock:
+            other = _registry.get(self.name)
+            if other is not None and other is not self:
+                raise ValueError(
+                    f"a pool named {self.name!r} is already started; stop it first or pick "
+                    "another name"
+                )
+            _registry[self.name] = self
+        self._stopped = asyncio.Event()
+        self._gone_event = asyncio.Event()
+        with self._lock:
+            self._state = "started"
+            self._apply(self._core.start(time.monotonic()))
+        tasks = list(self._boot_tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with self._lock:
+                ready = self._core.count(_scaling.RState.READY)
+            if ready < self.min:
+                error = getattr(self, "_last_boot_error", None)
+                await self._stop()
+                raise BootError(
+                    f"pool {self.name!r} could not boot its min={self.min} runners: {error}"
+                ) from error
+        self._log(f"pool {self.name!r} started ({self.backend.name} backend)")
+
+    def _ensure_started(self) -> None:
+        if self._state == "started":
+            return
+        if self._state == "new":
+            with self._start_lock:
+                if self._state == "new":
+                    self.start()
+                    return
+        if self._state != "started":
+            raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+
+    async def _aensure_started(self) -> None:
+        if self._state == "started":
+            return
+        if self._state == "new":
+            await self.astart()
+            return
+        raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+
+    def stop(self) -> None:
+        """Stop taking calls, let in-flight work finish within ``shutdown_timeout``, and
+        shut every runner down. Safe to call more than once."""
+        if self._state == "new":
+            self._state = "stopped"
+            return
+        _loop.run(self._stop())
+
+    async def astop(self) -> None:
+        """The async form of :meth:`stop`."""
+        if self._state == "new":
+            self._state = "stopped"
+            return
+        await _loop.arun(self._stop())
+
+    async def _stop(self) -> None:
+        assert self._stopped is not None and self._gone_event is not None
+        if self._state in ("stopping", "stopped"):
+            await self._stopped.wait()
+            return
+        with _registry_lock:
+            if _registry.get(self.name) is self:
+                del _registry[self.name]
+        with self._lock:
+            self._state = "stopping"
+            self._apply(self._core.stop(time.monotonic()))
+        deadline = self.shutdown_timeout + _KILL_GRACE
+        try:
+            async with asyncio.timeout(deadline):
+                while self._runners:
+                    self._gone_event.clear()
+                    await self._gone_event.wait()
+        except TimeoutError:
+            pass
+        for runner in list(self._runners.values()):
+            with contextlib.suppress(Exception):
+                await runner.kill()
+        for task in list(self._boot_tasks.values()):
+            task.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
+        try:
+            await self.backend.aclose()
+        except Exception as exc:
+            self._log_error(f"backend close failed: {exc!r}")
+        self._state = "stopped"
+        self._stopped.set()
+        self._log(f"pool {self.name!r} stopped")
+
+    def __enter__(self) -> Pool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Pool:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+    # -- calls (the same as the module-level functions) -------------------------------------------
+    def call(
+        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+    ) -> Any:
+        """Run ``fn(*args)`` on a runner and return its result (see :func:`flame.call`)."""
+        from ._calls import call
+
+        return call(self, fn, args, timeout, link)
+
+    async def acall(
+        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+    ) -> Any:
+        """The asyncio form of :meth:`call` (see :func:`flame.acall`)."""
+        from ._calls import acall
+
+        return await acall(self, fn, args, timeout, link)
+
+    def cast(self, fn: Callable[..., Any], /, *args: Any, link: bool = True) -> None:
+        """Run ``fn(*args)`` on a runner without waiting (see :func:`flame.cast`)."""
+        from ._calls import cast
+
+        cast(self, fn, args, link)
+
+    def place_child(
+        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+    ) -> Child:
+        """Build ``factory(*args)`` on a runner and keep it there (see
+        :func:`flame.place_child`)."""
+        from ._calls import place_child
+
+        return place_child(self, factory, args, timeout, link)
+
+    async def aplace_child(
+        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+    ) -> Child:
+        """The asyncio form of :meth:`place_child`."""
+        from ._calls import aplace_child
+
+        return await aplace_child(self, factory, args, timeout, link)
+
+    def map(
+        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
+    ) -> Iterator[Any]:
+        """Yield ``fn(item)`` for each item, in order, spread over the pool's runners.
+
+        At most ``max * max_concurrency`` items (256 at most) are in flight at once. An
+        item's exception is raised when that item is reached. ``timeout`` bounds the whole
+        map, from this call on.
+        """
+        from ._calls import map_
+
+        return map_(self, fn, iterable, timeout)
+
+    def amap(
+        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        """The asyncio form of :meth:`map`: an async iterator of results, in order."""
+        from ._calls import amap
+
+        return amap(self, fn, iterable, timeout)
+
+    # -- checkout ---------------------------------------------------------------------------------
+    def _enqueue(
+        self, deadline: float | None, loop: asyncio.AbstractEventLoop | None
+    ) -> tuple[int, _Waiter]:
+        w = _Waiter(loop)
+        with self._lock:
+            if self._state != "started":
+                raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+            self._next_waiter += 1
+            wid = self._next_waiter
+            self._waiters[wid] = w
+            self._apply(self._core.request(wid, deadline, time.monotonic()))
+        return wid, w
+
+    def _give_up(self, wid: int, w: _Waiter) -> None:
+        """The caller stopped waiting; give back a runner it was handed meanwhile."""
+        with self._lock:
+            if not w.done:
+                self._waiters.pop(wid, None)
+                self._apply(self._core.withdraw(wid, time.monotonic()))
+                return
+        if w.runner is not None:
+            self._release(w.runner)
+
+    def _outcome(self, w: _Waiter, deadline: float | None) -> BaseRunner:
+        if w.runner is not None:
+            return w.runner
+        if w.error is not None:
+            raise w.error
+        raise self._timeout_error(deadline)
+
+    def _timeout_error(self, deadline: float | None) -> CallTimeout:
+        s = self.stats()
+        return CallTimeout(
+            f"no runner of pool {self.name!r} was free in time ({s.runners} runners busy, "
+            f"{s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
+        )
+
+    def checkout(self, deadline: float | None) -> BaseRunner:
+        """Block until a runner slot is ours (sync callers)."""
+        wid, w = self._enqueue(deadline, None)
+        if not w.done:
+            timeout = None if deadline is None else deadline - time.monotonic() + 0.05
+            try:
+                got = w._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))  # type: ignore[union-attr]
+            except BaseException:
+                self._give_up(wid, w)
+                raise
+            if not got:
+                self._give_up(wid, w)
+                if not w.done:
+                    raise self._timeout_error(deadline)
+        return self._outcome(w, deadline)
+
+    async def acheckout(self, deadline: float | None) -> BaseRunner:
+        """Await a runner slot (asyncio callers)."""
+        wid, w = self._enqueue(deadline, asyncio.get_running_loop())
+        if not w.done:
+            assert w._fut is not None
+            timeout = None if deadline is None else deadline - time.monotonic() + 0.05
+            try:
+                await asyncio.wait_for(asyncio.shield(w._fut), timeout)
+            except TimeoutError:
+                self._give_up(wid, w)
+                if not w.done:
+                    raise self._timeout_error(deadline) from None
+            except BaseException:
+                self._give_up(wid, w)
+                raise
+        return self._outcome(w, deadline)
+
+    # -- carrying out the core's decisions (under self._lock) -------------------------------
+    def _apply(self, actions: list[_scaling.Action]) -> None:
+        for a in actions:
+            if isinstance(a, _scaling.Assign):
+                waiter = self._waiters.pop(a.waiter, None)
+                runner = self._runners.get(a.runner)
+                if waiter is None or runner is None:
+                    # the caller left in the same instant: give the slot back
+                    self._loop.call_soon_threadsafe(self._release_id, a.runner)
+                    continue
+                waiter.assign(runner)
+            elif isinstance(a, _scaling.Fail):
+                waiter = self._waiters.pop(a.waiter, None)
+                if waiter is not None:
+                    waiter.fail(self._fail_error(a))
+            elif isinstance(a, _scaling.Boot):
+                runner = make_runner(self, a.runner, self.backend)
+                self._runners[a.runner] = runner
+                self._loop.call_soon_threadsafe(self._start_boot, runner)
+            elif isinstance(a, _scaling.Retire):
+                rid = a.runner
+                self._loop.call_soon_threadsafe(self._retire, rid)
+            elif isinstance(a, _scaling.Keep):
+                runner = self._runners.get(a.runner)
+                if runner is not None:
+                    runner.keep(a.retry_after)
+            elif isinstance(a, _scaling.Hook):
+                self._loop.call_soon_threadsafe(self._run_hook, a)
+            elif isinstance(a, _scaling.Wake):
+                self._loop.call_soon_threadsafe(self._schedule_wake, a.at)
+
+    def _fail_error(self, a: _scaling.Fail) -> BaseException:
+        if a.kind is _scaling.FailKind.CLOSED:
+            return PoolClosed(f"pool {self.name!r} was stopped while the caller waited")
+        if a.kind is _scaling.FailKind.TIMEOUT:
+            return self._timeout_error(None)
+        cause = a.cause
+        err = BootError(f"pool {self.name!r} could not boot a runner for this call: {cause}")
+        err.__cause__ = cause
+        return err
+
+    # -- loop-thread handlers ----------------------------------------------------------------
+    def _start_boot(self, runner: BaseRunner) -> None:
+        task = self._loop.create_task(self._boot(runner))
+        self._boot_tasks[runner.rid] = task
+
+    async def _boot(self, runner: BaseRunner) -> None:
+        started = time.monotonic()
+        try:
+            await runner.boot()
+        except BaseException as exc:
+            self._boot_tasks.pop(runner.rid, None)
+            if isinstance(exc, asyncio.CancelledError):
+                exc = BootError(f"booting {runner.describe()} was cancelled (pool stopping)")
+            elif not isinstance(exc, BootError):
+                exc = BootError(f"booting {runner.describe()} failed: {exc!r}")
+            self._last_boot_error = exc
+            if self._state == "started":
+                logger.warning("pool %r: %s", self.name, exc)
+            with self._lock:
+                self._runners.pop(runner.rid, None)
+                self._apply(self._core.boot_failed(runner.rid, exc, time.monotonic()))
+            self._notify_gone()
+            return
+        self._boot_tasks.pop(runner.rid, None)
+        self._log(
+            f"pool {self.name!r}: {runner.describe()} up in {time.monotonic() - started:.2f}s"
+        )
+        with self._lock:
+            self._apply(self._core.runner_up(runner.rid, time.monotonic()))
+
+    def _retire(self, rid: int) -> None:
+        task = self._boot_tasks.get(rid)
+        if task is not None and not task.done():
+            task.cancel()
+            return
+        runner = self._runners.get(rid)
+        if runner is None:
+            return
+        runner.shutdown()
+        self._loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
+
+    def _force(self, runner: BaseRunner) -> None:
+        if not runner.gone and self._runners.get(runner.rid) is runner:
+            self._log_error(f"{runner.describe()} did not stop in time; killing it")
+            self._loop.create_task(runner.kill())
+
+    async def _runner_gone(self, runner: BaseRunner, message: str) -> None:
+        with self._lock:
+            if self._runners.get(runner.rid) is runner:
+                del self._runners[runner.rid]
+                self._apply(self._core.runner_gone(runner.rid, time.monotonic()))
+        self._log(f"pool {self.name!r}: {message}")
+        try:
+            await runner.kill()
+        finally:
+            self._notify_gone()
+
+    def _notify_gone(self) -> None:
+        if self._gone_event is not None:
+            self._gone_event.set()
+
+    def _release(self, runner: BaseRunner) -> None:
+        with self._lock:
+            self._apply(self._core.release(runner.rid, time.monotonic()))
+
+    def _release_id(self, rid: int) -> None:
+        with self._lock:
+            self._apply(self._core.release(rid, time.monotonic()))
+
+    def _idle_request(self, runner: BaseRunner) -> None:
+        with self._lock:
+            self._apply(self._core.idle_request(runner.rid, time.monotonic()))
+
+    def _lost_stuck(self, runner: BaseRunner) -> None:
+        with self._lock:
+            self._apply(self._core.retire(runner.rid, time.monotonic()))
+
+    def _schedule_wake(self, at: float) -> None:
+        if at >= self._wake_at and self._wake is not None:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+        delay = max(0.0, at - time.monotonic())
+        self._wake = self._loop.call_later(delay, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake = None
+        self._wake_at = math.inf
+        with self._lock:
+            if self._state == "started":
+                self._apply(self._core.tick(time.monotonic()))
+
+    def _run_hook(self, a: _scaling.Hook) -> None:
+        meta = {"name": self.name, "count": a.count}
+        try:
+            if a.name == "on_grow_start" and self.on_grow_start is not None:
+                self.on_grow_start(meta)
+            elif a.name == "on_grow_end" and self.on_grow_end is not None:
+                self.on_grow_end(a.result, meta)
+            elif a.name == "on_shrink" and self.on_shrink is not None:
+                self.on_shrink(meta)
+        except Exception:
+            logger.exception("pool %r: the %s hook raised", self.name, a.name)
+
+    # -- what runners are told -------------------------------------------------------------------
+    def _runner_idle_after(self) -> float | None:
+        values = [v for v in (self._idle_after, self.min_idle_shutdown_after) if v is not None]
+        return min(values) if values else None
+
+    def _runner_config(self) -> dict[str, Any]:
+        interval, timeout = self._heartbeat()
+        return {
+            "heartbeat_interval": interval,
+            "heartbeat_timeout": timeout,
+            "idle_after": self._runner_idle_after(),
+            "shutdown_timeout": self.shutdown_timeout,
+            "single_use": self.single_use,
+            "cancel_grace": self._cancel_grace,
+            "max_frame": self._max_frame,
+        }
+
+    def _heartbeat(self) -> tuple[float, float]:
+        from ._api import _settings
+
+        return _settings.heartbeat_interval, _settings.heartbeat_timeout
+
+    def _runner_failsafe(self) -> float:
+        from ._api import _settings
+
+        return _settings.failsafe_timeout
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _log(self, message: str) -> None:
+        if self.log is False:
+            return
+        level = logging.INFO if self.log is True else self.log
+        if isinstance(level, str):
+            level = logging.getLevelName(level.upper())
+        logger.log(level if isinstance(level, int) else logging.INFO, message)
+
+    def _log_error(self, message: str) -> None:
+        logger.warning("pool %r: %s", self.name, message)
+
+
+def lookup(pool: Pool | str) -> Pool:
+    """The pool object for a pool or a started pool's name."""
+    if isinstance(pool, Pool):
+        return pool
+    if isinstance(pool, str):
+        with _registry_lock:
+            found = _registry.get(pool)
+        if found is None:
+            raise PoolNotFound(
+                f"no started pool is named {pool!r}; start it first (pool.start(), or "
+                "`with flame.Pool(...)`)"
+            )
+        return found
+    raise TypeError(f"expected a flame.Pool or a pool name, got {type(pool).__name__}")
+
+
+__all__ = ["Pool", "PoolStats", "lookup"]
+_ = (FlameError, _wire)

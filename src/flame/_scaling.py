@@ -1,0 +1,304 @@
+"""The pool's decision core: state + event -> actions, with no I/O, no awaits, no clock.
+
+``Scaler`` holds what a pool knows (its runners and their load, the callers waiting in FIFO
+order) and answers every event with the list of things to do. Time comes in with each event
+(``now``, monotonic seconds). The async shell in ``flame._pool`` carries the actions out; this
+split lets the rules be tested exhaustively on their own (see tests/test_scaling.py).
+
+The rules (SPEC "Pool rules", plus where we do better than FLAME):
+
+* a caller goes to the ready runner with the fewest calls in flight, if below
+  ``max_concurrency``; otherwise it waits, first in, first out;
+* runners are booted while (booting + ready + retiring) < ``max`` and the waiting callers are
+  not covered by the runners already booting (``boot_ahead`` free slots are kept in reserve
+  on top of that), and always up to ``min``; a retiring runner still counts towards ``max``
+  until it is gone, so the pool can never exceed ``max`` processes;
+* a runner that comes up takes waiting callers, up to ``max_concurrency``; callers whose
+  deadline passed or who withdrew are skipped;
+* a failed boot blocks new boots for ``retry_debounce`` seconds; the callers no ready or
+  booting runner can serve fail at once with the boot's error;
+* a runner asking to go idle is let go when it is beyond ``min`` (after
+  ``idle_shutdown_after``), or, being one of the ``min``, after ``min_idle_shutdown_after``;
+* a single-use runner is retired after its call; dead and retired runners are replaced while
+  the pool is below ``min``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+class RState(enum.Enum):
+    BOOTING = "booting"
+    READY = "ready"
+    RETIRING = "retiring"
+
+
+@dataclass
+class RunnerView:
+    id: int
+    state: RState = RState.BOOTING
+    in_flight: int = 0
+    idle_since: float = 0.0
+    grew: bool = False  # booted beyond min: its boot is reported to on_grow_start/end
+
+
+@dataclass
+class WaiterView:
+    id: int
+    deadline: float | None
+
+
+# -- actions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assign:
+    waiter: int
+    runner: int
+
+
+@dataclass(frozen=True)
+class Boot:
+    runner: int
+
+
+@dataclass(frozen=True)
+class Retire:
+    runner: int
+
+
+@dataclass(frozen=True)
+class Keep:
+    runner: int
+    retry_after: float  # -1: do not ask again until busy and idle again
+
+
+class FailKind(enum.Enum):
+    TIMEOUT = "timeout"
+    BOOT = "boot"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Fail:
+    waiter: int
+    kind: FailKind
+    cause: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str  # "on_grow_start", "on_grow_end", "on_shrink"
+    count: int
+    result: object = None
+
+
+@dataclass(frozen=True)
+class Wake:
+    at: float  # call tick() at this time
+
+
+Action = Assign | Boot | Retire | Keep | Fail | Hook | Wake
+
+
+@dataclass
+class Scaler:
+    min: int
+    max: int
+    max_concurrency: int
+    single_use: bool = False
+    idle_shutdown_after: float | None = 30.0
+    min_idle_shutdown_after: float | None = None
+    boot_ahead: int = 0
+    retry_debounce: float = 1.0
+
+    runners: dict[int, RunnerView] = field(default_factory=dict)
+    waiters: OrderedDict[int, WaiterView] = field(default_factory=OrderedDict)
+    stopping: bool = False
+    boot_blocked_until: float = -math.inf
+    _next_runner: int = 0
+
+    # -- queries ----------------------------------------------------------------------------
+    def count(self, *states: RState) -> int:
+        if not states:
+            return len(self.runners)
+        return sum(1 for r in self.runners.values() if r.state in states)
+
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.runners.values())
+
+    # -- events -------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        return self._settle(now)
+
+    def request(self, waiter: int, deadline: float | None, now: float) -> list[Action]:
+        """A caller wants a slot."""
+        if self.stopping:
+            return [Fail(waiter, FailKind.CLOSED)]
+        self.waiters[waiter] = WaiterView(waiter, deadline)
+        return self._settle(now)
+
+    def withdraw(self, waiter: int, now: float) -> list[Action]:
+        """A waiting caller gave up (cancelled, or its own deadline timer fired)."""
+        self.waiters.pop(waiter, None)
+        return self._settle(now)
+
+    def release(self, runner: int, now: float) -> list[Action]:
+        """A call (or a placed child) on ``runner`` ended and gave its slot back."""
+        r = self.runners.get(runner)
+        if r is None:
+            return self._settle(now)
+        r.in_flight = max(0, r.in_flight - 1)
+        if r.in_flight == 0:
+            r.idle_since = now
+        actions: list[Action] = []
+        if self.single_use and r.state is RState.READY:
+            r.state = RState.RETIRING
+            actions.append(Retire(runner))
+        return actions + self._settle(now)
+
+    def runner_up(self, runner: int, now: float) -> list[Action]:
+        r = self.runners.get(runner)
+        if r is None or r.state is not RState.BOOTING:
+            return self._settle(now)
+        r.state = RState.READY
+        r.idle_since = now
+        actions: list[Action] = []
+        if self.stopping:
+            r.state = RState.RETIRING
+            actions.append(Retire(runner))
+        if r.grew:
+            actions.append(Hook("on_grow_end", self.count(), "ok"))
+        return actions + self._settle(now)
+
+    def boot_failed(self, runner: int, error: BaseException, now: float) -> list[Action]:
+        r = self.runners.pop(runner, None)
+        actions: list[Action] = []
+        if r is not None and r.grew:
+            actions.append(Hook("on_grow_end", self.count(), error))
+        self.boot_blocked_until = now + self.retry_debounce
+        if self.count(RState.READY) == 0:
+            covered = self.count(RState.BOOTING) * self.max_concurrency
+            live = list(self.waiters)
+            for wid in live[covered:]:
+                del self.waiters[wid]
+                actions.append(Fail(wid, FailKind.BOOT, error))
+        return actions + self._settle(now)
+
+    def runner_gone(self, runner: int, now: float) -> list[Action]:
+        """A ready or retiring runner is gone (exited, died, or was stopped)."""
+        r = self.runners.pop(runner, None)
+        actions: list[Action] = []
+        if r is not None:
+            if r.state is RState.BOOTING:
+                return self.boot_failed_removed(r, now)
+            actions.append(Hook("on_shrink", self.count()))
+        return actions + self._settle(now)
+
+    def boot_failed_removed(self, r: RunnerView, now: float) -> list[Action]:
+        self.runners[r.id] = r
+        return self.boot_failed(r.id, RuntimeError("runner went away while booting"), now)
+
+    def idle_request(self, runner: int, now: float) -> list[Action]:
+        """The runner has been idle (and its idle check passed): may it shut down?"""
+        r = self.runners.get(runner)
+        if r is None or r.state is not RState.READY:
+            return []
+        if r.in_flight:
+            return [Keep(runner, -1.0)]
+        live = self.count(RState.READY, RState.BOOTING)
+        limit = self.idle_shutdown_after if live > self.min else self.min_idle_shutdown_after
+        if limit is None:
+            return [Keep(runner, -1.0)]
+        idle_for = now - r.idle_since
+        if idle_for >= limit - min(0.5, limit * 0.25):
+            r.state = RState.RETIRING
+            return [Retire(runner), *self._settle(now)]
+        return [Keep(runner, limit - idle_for)]
+
+    def retire(self, runner: int, now: float) -> list[Action]:
+        """The shell wants this runner gone (it lost it, or a call on it got stuck)."""
+        r = self.runners.get(runner)
+        if r is None or r.state is RState.RETIRING:
+            return []
+        r.state = RState.RETIRING
+        return [Retire(runner), *self._settle(now)]
+
+    def tick(self, now: float) -> list[Action]:
+        return self._settle(now)
+
+    def stop(self, now: float) -> list[Action]:
+        self.stopping = True
+        actions: list[Action] = [Fail(w, FailKind.CLOSED) for w in self.waiters]
+        self.waiters.clear()
+        for r in self.runners.values():
+            if r.state is not RState.RETIRING:
+                r.state = RState.RETIRING
+                actions.append(Retire(r.id))
+        return actions
+
+    # -- the common part of every event ---------------------------------------------------------
+    def _settle(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        # 1. callers whose deadline passed are skipped (failed with a timeout)
+        for wid, w in list(self.waiters.items()):
+            if w.deadline is not None and w.deadline <= now:
+                del self.waiters[wid]
+                actions.append(Fail(wid, FailKind.TIMEOUT))
+        # 2. hand out free slots, first in first out, least busy runner first
+        while self.waiters:
+            best: RunnerView | None = None
+            for r in self.runners.values():
+                if r.state is RState.READY and r.in_flight < self.max_concurrency:
+                    if best is None or r.in_flight < best.in_flight:
+                        best = r
+            if best is None:
+                break
+            wid, _ = self.waiters.popitem(last=False)
+            best.in_flight += 1
+            actions.append(Assign(wid, best.id))
+        if self.stopping:
+            return actions
+        # 3. boot what is missing
+        wanted = self._boots_wanted()
+        if wanted and now < self.boot_blocked_until:
+            actions.append(Wake(self.boot_blocked_until))
+            return actions
+        for _ in range(wanted):
+            rid = self._next_runner
+            self._next_runner += 1
+            grew = self.count() >= self.min
+            self.runners[rid] = RunnerView(rid, grew=grew)
+            actions.append(Boot(rid))
+            if grew:
+                actions.append(Hook("on_grow_start", self.count()))
+        # 4. the earliest deadline among waiters, so the shell can skip them on time
+        deadlines = [w.deadline for w in self.waiters.values() if w.deadline is not None]
+        if deadlines:
+            actions.append(Wake(min(deadlines)))
+        return actions
+
+    def _boots_wanted(self) -> int:
+        total = self.count()
+        room = self.max - total
+        if room <= 0:
+            return 0
+        live = self.count(RState.READY, RState.BOOTING)
+        below_min = max(0, self.min - live)
+        booting = self.count(RState.BOOTING)
+        uncovered = len(self.waiters) - booting * self.max_concurrency
+        for_waiters = max(0, math.ceil(uncovered / self.max_concurrency))
+        ahead = 0
+        busy = self.waiters or any(r.in_flight for r in self.runners.values())
+        if self.boot_ahead > 0 and for_waiters == 0 and busy:
+            free = sum(
+                self.max_concurrency - r.in_flight
+                for r in self.runners.values()
+                if r.state is RState.READY
+            )
+            free += booting * self.max_concurrency - len(self.waiters)
+            if free < self.boot_ahead:
+                ahead = 1
+        return min(room, max(below_min, for_waiters, ahead))

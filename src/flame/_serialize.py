@@ -1,0 +1,342 @@
+"""What pickles how: closures, the main module by reference, large buffers out of band.
+
+Everything crosses the wire through :func:`dumps` / :func:`loads`, built on cloudpickle with
+pickle protocol 5, and with three rules of our own:
+
+* **The app's main module is looked up, not shipped.** A runner imports the parent's main
+  script under another name (like multiprocessing's spawn) and aliases it as ``__main__``.
+  Functions and classes defined at the top of the main script are pickled by reference. A
+  lambda or closure written in the main script is shipped as code, but its globals are looked
+  up by name in the *runner's* main module at call time, so a module-level engine, lock or
+  socket is the runner's own copy and never pickled. Only globals the runner's import cannot
+  have (names bound under ``if __name__ == "__main__":``, found by reading the script's syntax
+  tree once) travel with the function, by value.
+* **Large buffers travel out of band.** ``bytes``, ``bytearray`` and ``memoryview`` arguments
+  and results of at least :data:`OOB_THRESHOLD` bytes, and NumPy arrays at any depth, become
+  protocol-5 buffers that the wire sends and receives without extra copies.
+* **Failures name the culprit.** A function or argument that will not pickle raises
+  :class:`SerializationError` saying which one (down to the closure variable or global).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import io
+import pickle
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from ._errors import SerializationError
+
+OOB_THRESHOLD = 64 * 1024
+PROTOCOL = 5
+_MAIN_ALIAS = "__mp_main__"
+
+
+# -- the main module --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _importable_names(path: str) -> frozenset[str] | None:
+    """Names a plain import of the script at ``path`` binds at module level.
+
+    Statements under ``if __name__ == "__main__":`` are skipped, as a runner's import skips
+    them. ``None`` if the script cannot be read or parsed (then everything is shipped).
+    """
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def is_main_guard(node: ast.stmt) -> bool:
+        if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+            return False
+        parts = [node.test.left, *node.test.comparators]
+        return any(isinstance(p, ast.Name) and p.id == "__name__" for p in parts) and any(
+            isinstance(p, ast.Constant) and p.value == "__main__" for p in parts
+        )
+
+    def visit(body: Sequence[ast.stmt]) -> None:
+        for node in body:
+            if is_main_guard(node):
+                assert isinstance(node, ast.If)
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                for alias in node.names:
+                    names.add((alias.asname or alias.name).split(".")[0])
+            elif isinstance(node, ast.If | ast.Try | ast.With | ast.For | ast.While):
+                for target in ast.walk(node):
+                    if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store):
+                        names.add(target.id)
+                    elif isinstance(target, ast.FunctionDef | ast.ClassDef):
+                        names.add(target.name)
+                    elif isinstance(target, ast.Import | ast.ImportFrom):
+                        for alias in target.names:
+                            names.add((alias.asname or alias.name).split(".")[0])
+            else:
+                for target in ast.walk(node):
+                    if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store):
+                        names.add(target.id)
+                    if isinstance(node, ast.Lambda | ast.FunctionDef):
+                        break
+
+    visit(tree.body)
+    return frozenset(names)
+
+
+def _main_names() -> frozenset[str] | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not isinstance(path, str):
+        return None
+    return _importable_names(path)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+class _MainGlobals(dict[str, Any]):
+    """Globals of a shipped main-module function: its own values first, then the runner's
+    main module, looked up at every access (so module-level objects are the runner's own)."""
+
+    def __missing__(self, key: str) -> Any:
+        main = sys.modules.get("__main__")
+        if main is not None and key in main.__dict__:
+            return main.__dict__[key]
+        raise KeyError(key)
+
+
+def _make_main_function(
+    code: types.CodeType,
+    name: str,
+    qualname: str,
+    defaults: tuple[Any, ...] | None,
+    kwdefaults: dict[str, Any] | None,
+    closure: tuple[Any, ...] | None,
+    fdict: dict[str, Any],
+    shipped: dict[str, Any],
+) -> types.FunctionType:
+    g = _MainGlobals(shipped)
+    g["__name__"] = "__main__"
+    cells = tuple(types.CellType(v) for v in closure) if closure is not None else None
+    fn = types.FunctionType(code, g, name, defaults, cells)
+    fn.__qualname__ = qualname
+    fn.__kwdefaults__ = kwdefaults
+    fn.__dict__.update(fdict)
+    fn.__module__ = "__main__"
+    return fn
+
+
+_EMPTY = object()
+
+
+def _cell_values(fn: types.FunctionType) -> tuple[Any, ...] | None:
+    if fn.__closure__ is None:
+        return None
+    out = []
+    for cell in fn.__closure__:
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a name assigned later in the enclosing scope)
+            out.append(_EMPTY)
+    return tuple(out)
+
+
+def _is_main_toplevel(obj: Any, names: frozenset[str]) -> bool:
+    qualname = getattr(obj, "__qualname__", "")
+    if "." in qualname or "<" in qualname or qualname not in names:
+        return False
+    main = sys.modules.get("__main__")
+    return getattr(main, qualname, None) is obj
+
+
+# -- large buffers ----------------------------------------------------------------------------
+def _bytes_from(buf: memoryview) -> bytes:
+    return bytes(buf)
+
+
+def _bytearray_from(buf: memoryview) -> bytearray:
+    return bytearray(buf)
+
+
+class _OOB:
+    """Marks a large bytes-like value to be sent out of band."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray | memoryview) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        v = self.value
+        if isinstance(v, bytes):
+            return (_bytes_from, (pickle.PickleBuffer(v),))
+        if isinstance(v, bytearray):
+            return (_bytearray_from, (pickle.PickleBuffer(v),))
+        return (memoryview, (pickle.PickleBuffer(v),))
+
+
+def _mark(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        if size >= OOB_THRESHOLD:
+            if isinstance(value, memoryview) and not value.c_contiguous:
+                return value
+            return _OOB(value)
+    return value
+
+
+def mark_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Wrap large top-level bytes-like arguments so they travel out of band."""
+    return tuple(_mark(a) for a in args)
+
+
+mark_value = _mark
+
+
+# -- the pickler ------------------------------------------------------------------------------
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffers.append)
+        self._main_names = _main_names()
+
+    def reducer_override(self, obj: Any) -> Any:
+        names = self._main_names
+        if names is not None and getattr(obj, "__module__", None) == "__main__":
+            if isinstance(obj, types.FunctionType):
+                if _is_main_toplevel(obj, names):
+                    return NotImplemented  # pickled by reference: __main__.<name>
+                return self._reduce_main_function(obj, names)
+            if isinstance(obj, type) and _is_main_toplevel(obj, names):
+                return NotImplemented
+        if isinstance(obj, memoryview):
+            return (memoryview, (pickle.PickleBuffer(obj),))
+        return super().reducer_override(obj)
+
+    def _reduce_main_function(self, fn: types.FunctionType, names: frozenset[str]) -> Any:
+        shipped = {}
+        for name in _code_names(fn.__code__):
+            if name in names or name not in fn.__globals__:
+                continue  # the runner's own import binds it, or it is a builtin/attribute
+            shipped[name] = fn.__globals__[name]
+        return (
+            _make_main_function,
+            (
+                fn.__code__,
+                fn.__name__,
+                fn.__qualname__,
+                fn.__defaults__,
+                fn.__kwdefaults__,
+                _cell_values(fn),
+                dict(fn.__dict__),
+                shipped,
+            ),
+        )
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _MAIN_ALIAS:
+            module = "__main__"
+        return super().find_class(module, name)
+
+
+def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj``; return the stream and the out-of-band buffers (as memoryviews)."""
+    f = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    _Pickler(f, buffers).dump(obj)
+    return f.getvalue(), [b.raw() for b in buffers]
+
+
+def loads(data: bytes | memoryview, buffers: Sequence[memoryview] = ()) -> Any:
+    """Unpickle what :func:`dumps` made."""
+    return _Unpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | types.MethodType):
+        return f"function {getattr(obj, '__qualname__', obj)!r}"
+    if isinstance(obj, functools.partial):
+        return f"functools.partial of {_describe(obj.func)}"
+    tname = type(obj).__qualname__
+    mod = type(obj).__module__
+    full = tname if mod == "builtins" else f"{mod}.{tname}"
+    return f"a {full} object"
+
+
+def _try(obj: Any) -> Exception | None:
+    try:
+        dumps(obj)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _culprit(fn: Any) -> str:
+    """Find what inside a function fails to pickle: a closure variable, a global, a default."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    target = getattr(target, "__func__", target)
+    if isinstance(fn, functools.partial):
+        for i, a in enumerate(fn.args):
+            if _try(a) is not None:
+                return f"its bound argument {i} ({_describe(a)}) cannot be pickled"
+        for k, v in (fn.keywords or {}).items():
+            if _try(v) is not None:
+                return f"its bound keyword {k!r} ({_describe(v)}) cannot be pickled"
+    if isinstance(fn, types.MethodType) and _try(fn.__self__) is not None:
+        return f"the object it is bound to ({_describe(fn.__self__)}) cannot be pickled"
+    if isinstance(target, types.FunctionType):
+        code = target.__code__
+        for name, value in zip(code.co_freevars, _cell_values(target) or (), strict=False):
+            if _try(value) is not None:
+                return f"its closure variable {name!r} ({_describe(value)}) cannot be pickled"
+        for name in sorted(_code_names(code)):
+            if name in target.__globals__:
+                value = target.__globals__[name]
+                if not isinstance(value, types.ModuleType) and _try(value) is not None:
+                    return f"the global {name!r} it uses ({_describe(value)}) cannot be pickled"
+    return ""
+
+
+def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:
+    """Pickle a call; on failure raise :class:`SerializationError` naming what failed."""
+    try:
+        return dumps((fn, mark_args(args)))
+    except Exception as exc:
+        if _try(fn) is not None:
+            detail = _culprit(fn)
+            err = _try(fn)
+            msg = f"cannot pickle the {_describe(fn)}"
+            msg += f": {detail}" if detail else f": {err}"
+            raise SerializationError(msg + f" ({type(err).__name__}: {err})") from exc
+        for i, a in enumerate(args):
+            err = _try(a)
+            if err is not None:
+                raise SerializationError(
+                    f"cannot pickle argument {i} ({_describe(a)}): {type(err).__name__}: {err}"
+                ) from exc
+        raise SerializationError(f"cannot pickle the call: {type(exc).__name__}: {exc}") from exc
+
+
+def dumps_value(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
+    """Pickle a result (or another value); failures raise :class:`SerializationError`."""
+    try:
+        return dumps(mark_value(value))
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the {what} ({_describe(value)}): {type(exc).__name__}: {exc}"
+        ) from exc

@@ -1,0 +1,480 @@
+"""The wire protocol between a parent and one runner: frames, handshake, heartbeats.
+
+One TCP connection per runner, always dialled by the runner to the parent's listener.
+
+Frames
+------
+Every frame is a 9-byte header, ``!QB`` (body length, kind), then the body. Before
+authentication a frame may be at most :data:`PREAUTH_MAX_FRAME` bytes and its body is JSON;
+after it, at most the configured ``max_frame`` (1 GiB by default). Bodies that carry Python
+objects are "pickled sections": ``!H`` buffer count, one ``!Q`` length per buffer, then the
+pickle stream, then the out-of-band buffers (pickle protocol 5) back to back. The receiver
+reads a large body into one ``bytearray`` and hands ``memoryview`` slices of it to the
+unpickler, so large payloads are copied neither on sending (``sendmsg`` gathers the parts)
+nor on receiving.
+
+Handshake (mutual HMAC-SHA256 challenge-response with the per-runner secret)
+------------------------------------------------------------------------------
+::
+
+    runner                                   parent
+      HELLO     {"id", "nonce": Nr}      ->
+                                         <-  CHALLENGE {"nonce": Np, "proof": H(s, "P"|Nr|Np)}
+      (runner checks the parent's proof; on mismatch it hangs up)
+      PROOF     {"proof": H(s, "R"|Np|Nr),
+                 "versions": {...}}      ->
+                                         <-  WELCOME {"config": {...}, "versions": {...}}
+                                             or REFUSE {"reason": "..."}
+
+The parent only answers HELLO for a runner id it is booting, each id is accepted once, and
+a peer that does not complete the exchange within :data:`HANDSHAKE_TIMEOUT` is dropped.
+Nothing is unpickled from either side before the exchange has completed: pre-authentication
+frames are parsed as size-limited JSON only. Versions (flame, Python major.minor,
+cloudpickle) are compared by the parent after the proofs; a mismatch is a REFUSE naming both.
+
+Messages after the handshake
+----------------------------
+==============  ==================  =========================================================
+kind            sent by             when / body
+==============  ==================  =========================================================
+PING            both                every heartbeat interval; empty. Any frame counts as life.
+CALL            parent              run a function: ``!QBd`` (call id, flags, timeout or -1),
+                                    then a pickled section of ``(fn, args)``.
+CHILD_CALL      parent              call a method of a placed child: ``!QQd`` (call id, child
+                                    id, timeout), pickled ``(method_name, args)``.
+CANCEL          parent              ``!Q`` call id: the caller gave up (timeout, cancel).
+CHILD_STOP      parent              ``!Q`` child id: stop that child (``close()`` it).
+CONFIG          parent              right after WELCOME: pickled ``{"idle_check": fn|None}``.
+RESULT          runner              ``!QB`` (call id, status) then a pickled section: the
+                                    return value, or the exception (see ``STATUS_*``).
+CHILD_EXIT      runner              ``!QB`` (child id, status) then a pickled section: what
+                                    the child's ``run()`` returned or raised; frees its slot.
+IDLE            runner              idle long enough and its idle check passed: may I go?
+KEEP            parent              ``!d`` ask again after that many seconds (-1: don't ask).
+SHUTDOWN        parent              finish in-flight work within shutdown_timeout and exit.
+GOODBYE         runner              ``!B`` exit code: the runner is about to exit on its own.
+==============  ==================  =========================================================
+
+Heartbeats: each side sends PING every ``interval`` and declares the peer lost when nothing
+has arrived for ``timeout`` (defaults 1 s and 8 s), which also catches a peer behind a
+network that silently drops packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from ._version import __version__
+
+# -- frame kinds ----------------------------------------------------------------------------
+HELLO, CHALLENGE, PROOF, WELCOME, REFUSE = 1, 2, 3, 4, 5
+PING, CALL, CHILD_CALL, CANCEL, CHILD_STOP, CONFIG = 10, 11, 12, 13, 14, 15
+RESULT, CHILD_EXIT, IDLE, KEEP, SHUTDOWN, GOODBYE = 20, 21, 22, 23, 24, 25
+PREAUTH_KINDS = frozenset({HELLO, CHALLENGE, PROOF, WELCOME, REFUSE})
+
+# CALL flags
+FLAG_LINK = 1
+FLAG_CAST = 2
+FLAG_CHILD = 4
+
+# RESULT / CHILD_EXIT status
+STATUS_OK = 0  # body: the value
+STATUS_RAISED = 1  # body: (pickled exception or None, type name, message, traceback)
+STATUS_TIMEOUT = 3  # body: message text (the deadline passed on the runner)
+STATUS_CANCELLED = 4  # body: message text (cancelled by the parent or parent loss)
+
+HEADER = struct.Struct("!QB")
+CALL_HEAD = struct.Struct("!QBd")
+CHILD_CALL_HEAD = struct.Struct("!QQd")
+ID_HEAD = struct.Struct("!Q")
+RESULT_HEAD = struct.Struct("!QB")
+FLOAT = struct.Struct("!d")
+BYTE = struct.Struct("!B")
+_COUNT = struct.Struct("!H")
+_LEN = struct.Struct("!Q")
+
+PREAUTH_MAX_FRAME = 4096
+DEFAULT_MAX_FRAME = 1 << 30
+HANDSHAKE_TIMEOUT = 5.0
+NONCE_BYTES = 32
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_HEARTBEAT_TIMEOUT = 8.0
+_READ_CHUNK = 256 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol (bad frame, bad proof, unexpected message)."""
+
+
+def local_versions() -> dict[str, str]:
+    """The versions both sides must agree on."""
+    return {
+        "flame": __version__,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "cloudpickle": str(getattr(cloudpickle, "__version__", "?")),
+    }
+
+
+def proof(secret: bytes, role: bytes, first: bytes, second: bytes) -> str:
+    return hmac.new(secret, role + first + second, hashlib.sha256).hexdigest()
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+# -- pickled sections -------------------------------------------------------------------------
+def section_parts(data: bytes, buffers: Sequence[memoryview]) -> list[bytes | memoryview]:
+    """The parts of a pickled section, ready to be gathered by ``sendmsg``."""
+    head = bytearray(_COUNT.pack(len(buffers)))
+    for b in buffers:
+        head += _LEN.pack(b.nbytes)
+    return [bytes(head), data, *buffers]
+
+
+def split_section(body: memoryview) -> tuple[memoryview, list[memoryview]]:
+    """Split a pickled section into the pickle stream and its out-of-band buffers."""
+    (count,) = _COUNT.unpack_from(body, 0)
+    pos = _COUNT.size
+    lengths = []
+    for _ in range(count):
+        (n,) = _LEN.unpack_from(body, pos)
+        lengths.append(n)
+        pos += _LEN.size
+    total = sum(lengths)
+    end = len(body) - total
+    if end < pos:
+        raise ProtocolError("pickled section shorter than its buffers")
+    data = body[pos:end]
+    buffers = []
+    for n in lengths:
+        buffers.append(body[end : end + n])
+        end += n
+    return data, buffers
+
+
+def json_body(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def parse_json(body: memoryview | bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(bytes(body))
+    except (ValueError, UnicodeError) as exc:
+        raise ProtocolError("handshake frame is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError("handshake frame is not a JSON object")
+    return doc
+
+
+FrameHandler = Callable[[int, memoryview], None]
+
+
+class Connection:
+    """One framed, heartbeated connection, read on an asyncio loop, writable from any thread.
+
+    Reading happens in ``loop`` through ``add_reader`` (one ``recv_into`` per readiness, large
+    frames straight into their own buffer). Writing is thread-safe: any thread may call
+    :meth:`send`; a thread that cannot take the write lock without blocking (the loop
+    thread, through :meth:`send_soon`) leaves its frame in an outbox that the lock's holder
+    flushes before letting go. ``on_frame(kind, body)`` and ``on_close(reason)`` run on the
+    loop thread; ``on_close`` exactly once.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        on_frame: FrameHandler,
+        on_close: Callable[[str], None],
+        max_frame: int = PREAUTH_MAX_FRAME,
+        scratch: int = _READ_CHUNK,
+    ) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.sock = sock
+        self.loop = loop
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.max_frame = max_frame
+        self.closed = False
+        self.close_reason = ""
+        self.last_recv = time.monotonic()
+        self.last_send = 0.0
+        self._fd = sock.fileno()
+        self._wlock = threading.Lock()
+        self._outbox: deque[list[bytes | memoryview]] = deque()
+        self._scratch = bytearray(scratch)
+        self._have = 0  # bytes of the scratch buffer in use
+        self._big: bytearray | None = None  # body being received outside the scratch
+        self._big_kind = 0
+        self._big_fill = 0
+        self._hb_handle: asyncio.TimerHandle | None = None
+        loop.add_reader(self._fd, self._on_readable)
+
+    # -- reading (loop thread) ----------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            if self._big is not None:
+                self._read_big()
+                return
+            view = memoryview(self._scratch)
+            n = self.sock.recv_into(view[self._have :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"connection error: {exc.strerror or exc}")
+            return
+        if n == 0:
+            self.close("connection closed by peer")
+            return
+        self.last_recv = time.monotonic()
+        self._have += n
+        self._parse_scratch()
+
+    def _parse_scratch(self) -> None:
+        buf = self._scratch
+        pos = 0
+        hsize = HEADER.size
+        while not self.closed and self._have - pos >= hsize:
+            length, kind = HEADER.unpack_from(buf, pos)
+            if length > self.max_frame:
+                self.close(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+                return
+            start = pos + hsize
+            available = self._have - start
+            if available >= length:
+                body = memoryview(bytes(memoryview(buf)[start : start + length]))
+                pos = start + length
+                self._deliver(kind, body)
+                continue
+            if length > len(buf) - hsize:
+                # a large frame: give it a buffer of its own and read the rest into it
+                big = bytearray(length)
+                big[:available] = buf[start : self._have]
+                self._big, self._big_kind, self._big_fill = big, kind, available
+                self._have = 0
+                return
+            break
+        # keep the incomplete tail at the front of the scratch buffer
+        rest = self._have - pos
+        if pos and rest:
+            buf[:rest] = buf[pos : self._have]
+        self._have = rest
+
+    def _read_big(self) -> None:
+        big = self._big
+        assert big is not None
+        view = memoryview(big)
+        while self._big_fill < len(big):
+            try:
+                n = self.sock.recv_into(view[self._big_fill :])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(f"connection error: {exc.strerror or exc}")
+                return
+            if n == 0:
+                self.close("connection closed by peer in the middle of a frame")
+                return
+            self.last_recv = time.monotonic()
+            self._big_fill += n
+        kind = self._big_kind
+        self._big = None
+        self._deliver(kind, view)
+
+    def _deliver(self, kind: int, body: memoryview) -> None:
+        try:
+            self.on_frame(kind, body)
+        except ProtocolError as exc:
+            self.close(f"protocol error: {exc}")
+
+    def enlarge(self) -> None:
+        """Switch to the full-size read buffer (after authentication)."""
+        if len(self._scratch) < _READ_CHUNK:
+            bigger = bytearray(_READ_CHUNK)
+            bigger[: self._have] = self._scratch[: self._have]
+            self._scratch = bigger
+
+    # -- writing (any thread) -----------------------------------------------------------------
+    def send(self, kind: int, parts: Sequence[bytes | memoryview] = ()) -> None:
+        """Send one frame, blocking this thread until it is written. Raises ``ConnectionError``."""
+        frame = self._frame(kind, parts)
+        with self._wlock:
+            self._write(frame)
+            self._flush_outbox()
+        if self._outbox:
+            self._try_flush()
+
+    def send_soon(self, kind: int, parts: Sequence[bytes | memoryview] = ()) -> None:
+        """Send a small frame without ever blocking on another writer (for the loop thread)."""
+        if self.closed:
+            return
+        self._outbox.append(self._frame(kind, parts))
+        self._try_flush()
+
+    def _try_flush(self) -> None:
+        while self._outbox and not self.closed:
+            if not self._wlock.acquire(blocking=False):
+                return  # the holder flushes before it lets go
+            try:
+                self._flush_outbox()
+            except ConnectionError:
+                return
+            finally:
+                self._wlock.release()
+
+    def _flush_outbox(self) -> None:
+        while self._outbox:
+            self._write(self._outbox.popleft())
+
+    def _frame(self, kind: int, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+        length = 0
+        for p in parts:
+            length += p.nbytes if isinstance(p, memoryview) else len(p)
+        return [HEADER.pack(length, kind), *parts]
+
+    def _write(self, frame: list[bytes | memoryview]) -> None:
+        if self.closed:
+            raise ConnectionError(self.close_reason or "connection closed")
+        views = [memoryview(p).cast("B") for p in frame]
+        views = [v for v in views if v.nbytes]
+        sock = self.sock
+        while views:
+            try:
+                if len(views) > 64:
+                    sent = sock.send(views[0])
+                else:
+                    sent = sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                self._wait_writable()
+                continue
+            except OSError as exc:
+                self.loop.call_soon_threadsafe(self.close, f"send failed: {exc.strerror or exc}")
+                raise ConnectionError(f"send failed: {exc.strerror or exc}") from exc
+            while sent:
+                first = views[0]
+                if sent >= first.nbytes:
+                    sent -= first.nbytes
+                    views.pop(0)
+                else:
+                    views[0] = first[sent:]
+                    sent = 0
+        self.last_send = time.monotonic()
+
+    def _wait_writable(self) -> None:
+        while True:
+            if self.closed:
+                raise ConnectionError(self.close_reason or "connection closed")
+            try:
+                _, w, _ = select.select([], [self._fd], [], 0.25)
+            except (OSError, ValueError) as exc:  # fd closed underneath us
+                raise ConnectionError(self.close_reason or "connection closed") from exc
+            if w:
+                return
+
+    # -- heartbeats (loop thread) ---------------------------------------------------------------
+    def start_heartbeats(self, interval: float, timeout: float) -> None:
+        def beat() -> None:
+            if self.closed:
+                return
+            now = time.monotonic()
+            if now - self.last_recv > timeout:
+                self.close(f"no heartbeat from the peer for {now - self.last_recv:.1f}s")
+                return
+            if now - self.last_send >= interval * 0.5:
+                self.send_soon(PING)
+            self._hb_handle = self.loop.call_later(interval, beat)
+
+        self.last_recv = time.monotonic()
+        self._hb_handle = self.loop.call_later(interval, beat)
+
+    # -- closing (loop thread, or any thread through call_soon_threadsafe) ----------------------
+    def close(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self._hb_handle is not None:
+            self._hb_handle.cancel()
+        try:
+            self.loop.remove_reader(self._fd)
+        except (ValueError, OSError, RuntimeError):
+            pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._big = None
+        self._outbox.clear()
+        self.on_close(reason)
+
+
+class FrameQueue:
+    """Collects frames on the loop thread during the handshake, for a coroutine to await."""
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        self.reason = ""
+        self.welcomed = False
+        #: frames that arrived after WELCOME, before the session took over the connection
+        self.later: list[tuple[int, memoryview]] = []
+
+    def on_frame(self, kind: int, body: memoryview) -> None:
+        if self.welcomed:
+            self.later.append((kind, body))
+            return
+        if kind not in PREAUTH_KINDS:
+            raise ProtocolError(f"unexpected message kind {kind} before authentication")
+        if kind == WELCOME:
+            self.welcomed = True
+        self._q.put_nowait((kind, bytes(body)))
+
+    def on_close(self, reason: str) -> None:
+        self.reason = reason
+        self._q.put_nowait(None)
+
+    async def get(self, expected: int) -> dict[str, Any]:
+        item = await self._q.get()
+        if item is None:
+            raise ProtocolError(self.reason or "connection closed during the handshake")
+        kind, body = item
+        if kind == REFUSE:
+            raise RefusedError(str(parse_json(body).get("reason", "refused")))
+        if kind != expected:
+            raise ProtocolError(f"expected message kind {expected}, got {kind}")
+        return parse_json(body)
+
+
+class RefusedError(ProtocolError):
+    """The parent refused the runner after authentication (e.g. version mismatch)."""
+
+
+def versions_mismatch(parent: dict[str, Any], runner: dict[str, Any]) -> str | None:
+    """A message naming both sides' versions if they differ, else ``None``."""
+    keys = ("flame", "python", "cloudpickle")
+    if all(parent.get(k) == runner.get(k) for k in keys):
+        return None
+    left = ", ".join(f"{k} {parent.get(k)}" for k in keys)
+    right = ", ".join(f"{k} {runner.get(k)}" for k in keys)
+    return f"version mismatch between parent ({left}) and runner ({right})"

@@ -1,0 +1,159 @@
+"""``ProcessBackend``: each runner is a fresh Python process on this machine.
+
+Like multiprocessing's spawn, a runner starts with the parent's working directory,
+``sys.path`` and environment (plus ``env``), so whatever the parent imports, the runner can.
+Its stdout is the parent's; its stderr is copied line by line to the parent's stderr, and
+the last lines are kept for the error message when a runner fails to boot. Runners are put
+in their own session, so a Ctrl-C in the parent's terminal reaches the parent only; they
+end when the parent goes away because their connection does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+import flame
+
+from .._child._exits import describe_exit
+from .._errors import BootError
+from ._base import Backend, RunnerHandle, RunnerLaunch
+
+_TAIL_LINES = 40
+
+
+class ProcessHandle(RunnerHandle):
+    """One runner process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._pump: threading.Thread | None = None
+        self._exited: asyncio.Future[str] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"pid {self.proc.pid}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _start_pump(self) -> None:
+        stream = self.proc.stderr
+        if stream is None:
+            return
+
+        def pump() -> None:
+            with stream:
+                for raw in iter(stream.readline, b""):
+                    line = raw.decode(errors="replace")
+                    self._tail.append(line.rstrip("\n"))
+                    with contextlib.suppress(Exception):
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+
+        self._pump = threading.Thread(target=pump, name=f"flame-stderr-{self.pid}", daemon=True)
+        self._pump.start()
+
+    async def wait(self) -> str:
+        if self._exited is None:
+            self._exited = asyncio.ensure_future(asyncio.to_thread(self._wait_blocking))
+        return await asyncio.shield(self._exited)
+
+    def _wait_blocking(self) -> str:
+        code = self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(timeout=1.0)
+        return describe_exit(code)
+
+    async def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await asyncio.to_thread(self.proc.wait)
+        if self._pump is not None:
+            await asyncio.to_thread(self._pump.join, 1.0)
+
+    def diagnostics(self) -> str:
+        return "\n".join(self._tail)
+
+
+class ProcessBackend(Backend):
+    """Boots each runner as a new Python process on this machine.
+
+    Args:
+        python: the interpreter to run (default: ``sys.executable``).
+        env: extra environment variables for runners, on top of the parent's.
+        cwd: the runners' working directory (default: the parent's).
+        app: what runners import as the application: a module name or a script path
+            (default: the parent's main module).
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        python: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        app: str | None = None,
+    ) -> None:
+        if env is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("env must map str to str")
+        self.python = python or sys.executable
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"ProcessBackend(python={self.python!r}, app={self.app!r})"
+
+    def runner_sys_path(self) -> Sequence[str] | None:
+        return list(sys.path)
+
+    def runner_cwd(self) -> str | None:
+        return self.cwd or os.getcwd()
+
+    def runner_app(self) -> Mapping[str, str] | None:
+        if self.app is None:
+            return None
+        if self.app.endswith(".py") or os.sep in self.app:
+            return {"path": os.path.abspath(self.app)}
+        return {"module": self.app}
+
+    async def boot(self, launch: RunnerLaunch) -> RunnerHandle:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(launch.env)
+        # make sure `-m flame` resolves to this flame, installed or not
+        here = os.path.dirname(os.path.dirname(os.path.abspath(flame.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+        argv = (
+            [self.python, *launch.argv[1:]] if launch.argv[:1] == ("python",) else list(launch.argv)
+        )
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
+                argv,
+                env=env,
+                cwd=self.cwd or os.getcwd(),
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BootError(
+                f"could not start the runner process {self.python!r}: {exc.strerror or exc}"
+            ) from exc
+        handle = ProcessHandle(proc)
+        handle._start_pump()
+        return handle
