@@ -1,0 +1,985 @@
+"""``KubernetesBackend``: each runner is a Pod cloned from the parent's own Pod.
+
+What this module owns: turning one :class:`RunnerLaunch` into one runner Pod (and one
+Secret), watching that Pod until it is gone, and deleting both. The Kubernetes API is reached
+through lightkube (optional extra ``flame-py[kubernetes]``), imported on first use so that
+``import flame`` works without it.
+
+The parent finds its own Pod from ``POD_NAME`` / ``POD_NAMESPACE`` (the downward API) and
+reads its spec once. A runner Pod is a *trimmed* copy of it: the app container's image, env,
+``envFrom``, working directory, resources and security context, the Pod's service account,
+image pull secrets, scheduling constraints and its config-like volumes (ConfigMaps, Secrets,
+projected, downward API, emptyDir). It does not copy the parent's labels (a Service or
+ReplicaSet selecting the parent must not select runners), probes, ports, lifecycle hooks,
+init containers, sidecars or persistent volumes. The command is the runner's
+(``python -m flame runner``), ``restartPolicy`` is ``Never``, and an ``ownerReference`` to the
+parent Pod (``controller: true``, so no controller can adopt it) lets the cluster's garbage
+collector delete the runner when the parent goes away, even if the parent dies without
+cleaning up.
+
+The runner's secret (``FLAME_PARENT``) never appears in the Pod spec, where anyone allowed to
+read Pods could see it. It goes into a Secret that is created *before* the Pod, owned at first
+by the parent Pod, then re-owned by the runner Pod as soon as that exists, and referenced from
+the Pod with ``valueFrom.secretKeyRef``. So at every moment the Secret has a living owner, is
+collected with its runner (or with the parent, if the parent dies in between), and is also
+deleted explicitly by :meth:`PodHandle.stop`. The parent never reads Secrets.
+
+Life of a runner Pod::
+
+    boot()   create Secret (owner: parent Pod) -> create Pod -> re-own Secret (owner: runner Pod)
+             on any failure or cancellation: delete whatever was created, raise BootError
+    wait()   GET the Pod, then watch it; resolve with a description when it is deleted, has
+             Succeeded/Failed, cannot pull its image or build its container, or is
+             Unschedulable (unless wait_for_capacity=True)
+    stop()   delete the Pod and the Secret; 404 is success; idempotent
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import logging
+import os
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .._child._exits import ExitCode
+from .._errors import BootError
+from ._base import Backend, RunnerHandle, RunnerLaunch
+
+if TYPE_CHECKING:
+    from lightkube import AsyncClient
+
+__all__ = ["KubernetesBackend", "PodHandle"]
+
+logger = logging.getLogger("flame.backends.kubernetes")
+
+T = TypeVar("T")
+Manifest = dict[str, Any]
+PodTemplateHook = Callable[[Manifest], "Manifest | None"]
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_POOL = "flame-py/pool"
+LABEL_RUNNER = "flame-py/runner-id"
+LABEL_PARENT = "flame-py/parent"
+ANNOTATION_POOL = "flame-py/pool"
+
+_INSTALL_HINT = "KubernetesBackend needs lightkube: pip install 'flame-py[kubernetes]'"
+_RBAC_HINT = "the parent's service account needs the Role in docs/backends/kubernetes.md"
+
+#: Pod spec fields copied from the parent Pod to runner Pods.
+_CLONED_POD_FIELDS = (
+    "serviceAccountName",
+    "automountServiceAccountToken",
+    "imagePullSecrets",
+    "securityContext",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "priorityClassName",
+    "runtimeClassName",
+    "dnsPolicy",
+    "dnsConfig",
+    "hostAliases",
+    "enableServiceLinks",
+    "terminationGracePeriodSeconds",
+)
+#: Fields of the parent's app container copied to the runner container.
+_CLONED_CONTAINER_FIELDS = ("imagePullPolicy", "workingDir", "envFrom", "securityContext")
+#: Volume types that are safe to mount in another Pod (no persistent or node-bound storage).
+_CLONED_VOLUME_TYPES = frozenset({"configMap", "secret", "projected", "downwardAPI", "emptyDir"})
+_SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Container waiting reasons after which a runner Pod will not start by itself.
+_FATAL_WAITING = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+        "CrashLoopBackOff",
+    }
+)
+_RETRY_DELAY = 1.0  # seconds between attempts to re-establish a broken watch
+_WATCH_SERVER_TIMEOUT = 60  # the API server ends each watch after this; lightkube resumes it
+_LOG_TAIL_LINES = 20
+_ACLOSE_WAIT = 30.0  # seconds aclose() waits for deletions under way
+
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$"
+)
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def _require_lightkube() -> None:
+    try:
+        import lightkube  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+
+
+def _label_value(text: str) -> str:
+    """``text`` made into a valid label value (at most 63 characters, alphanumeric ends)."""
+    value = re.sub(r"^[^A-Za-z0-9]+", "", re.sub(r"[^A-Za-z0-9_.-]", "-", text))
+    value = re.sub(r"[^A-Za-z0-9]+$", "", value[:63])
+    return value or "unnamed"
+
+
+def _name_prefix(parent_name: str) -> str:
+    """``generateName`` of runner Pods: the parent's name (shortened), then ``-flame-``.
+
+    Kept short enough that the generated name (5 more characters) is a valid hostname.
+    """
+    base = re.sub(r"[^a-z0-9-]", "-", parent_name.lower())[:50].strip("-") or "flame"
+    return f"{base}-flame-"
+
+
+def _quantities(resources: Mapping[str, Any]) -> Manifest:
+    """Resource requirements with numeric quantities written as strings, as the API stores them."""
+    out: Manifest = {}
+    for section, values in resources.items():
+        if section in ("limits", "requests"):
+            out[section] = {str(k): str(v) for k, v in values.items()}
+        else:
+            out[section] = copy.deepcopy(values)
+    return out
+
+
+def _owner_reference(obj: Mapping[str, Any]) -> Manifest:
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": obj.get("kind") or "Pod",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def describe_pod(pod: Mapping[str, Any]) -> str:
+    """One line on a Pod's state, for diagnostics: phase, conditions, container state."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    parts = [f"pod {meta.get('namespace')}/{meta.get('name')}: {status.get('phase', 'Unknown')}"]
+    if status.get("reason"):
+        parts.append(f"{status['reason']}: {status.get('message', '')}".rstrip(": "))
+    for cond in status.get("conditions") or []:
+        if cond.get("status") == "False" and cond.get("reason"):
+            text = f"{cond['type']}=False {cond['reason']}"
+            if cond.get("message"):
+                text += f": {cond['message']}"
+            parts.append(text)
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        for key in ("waiting", "terminated"):
+            detail = state.get(key)
+            if detail:
+                text = f"container {cs.get('name')} {key}"
+                if "exitCode" in detail:
+                    text += f" with code {detail['exitCode']}"
+                if detail.get("reason"):
+                    text += f" ({detail['reason']})"
+                if detail.get("message"):
+                    text += f": {detail['message']}"
+                parts.append(text)
+    return "; ".join(parts)
+
+
+def _exit_reason(code: Any, reason: Any) -> str:
+    """What a container's exit means: the runtime's reason when it says more than "Error"
+    (OOMKilled...), else the signal (128 + n), else what flame's runner exit codes mean."""
+    if reason and reason not in ("Error", "Completed"):
+        return str(reason)
+    if isinstance(code, int) and 128 < code < 128 + 65:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(code - 128).name}"
+    if isinstance(code, int):
+        with contextlib.suppress(ValueError):
+            return ExitCode(code).describe()
+    return str(reason or "unknown")
+
+
+def pod_outcome(pod: Mapping[str, Any], *, wait_for_capacity: bool = False) -> str | None:
+    """Why a runner Pod is finished or will never start, or ``None`` while it may still run.
+
+    The text is a predicate about the runner ("exited with code 1 (Error)", "could not start
+    its container app: ErrImagePull: ...", "could not be scheduled (Unschedulable): ...").
+    """
+    status = pod.get("status") or {}
+    phase = status.get("phase")
+    statuses = status.get("containerStatuses") or []
+    if phase in ("Succeeded", "Failed"):
+        for cs in statuses:
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                code = term.get("exitCode")
+                text = f"exited with code {code} ({_exit_reason(code, term.get('reason'))})"
+                if term.get("message"):
+                    text += f": {term['message']}"
+                return text
+        reason = status.get("reason") or phase
+        return f"failed: {reason}: {status.get('message', '')}".rstrip(": ")
+    if phase != "Pending":
+        return None
+    for cs in statuses:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _FATAL_WAITING:
+            return (
+                f"could not start its container {cs.get('name')}: {waiting['reason']}: "
+                f"{waiting.get('message', '')}".rstrip(": ")
+            )
+    if not wait_for_capacity:
+        for cond in status.get("conditions") or []:
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return f"could not be scheduled (Unschedulable): {cond.get('message', '')}"
+    return None
+
+
+def _api_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions lightkube raises for API, configuration and transport failures."""
+    from lightkube import ApiError, ConfigError
+
+    # lightkube's transport is httpx (or its fork httpx2): take HTTPError from ApiError's bases
+    http_error = next((c for c in ApiError.__mro__ if c.__name__ == "HTTPError"), ApiError)
+    return (ApiError, ConfigError, http_error, OSError)
+
+
+def _status_code(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    code = getattr(status, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def _translate(exc: BaseException, action: str) -> BootError:
+    """An API, configuration or transport error as a BootError saying what failed (no token)."""
+    from lightkube import ApiError, ConfigError
+
+    if isinstance(exc, ApiError):
+        status = exc.status
+        text = (
+            f"Kubernetes API refused to {action}: {status.code} {status.reason}: {status.message}"
+        )
+        if status.code == 401:
+            text += " (the API server rejected the client's credentials)"
+        elif status.code == 403:
+            text += f" ({_RBAC_HINT})"
+        return BootError(text)
+    if isinstance(exc, ConfigError):
+        return BootError(f"Kubernetes client configuration error while trying to {action}: {exc}")
+    return BootError(
+        f"cannot reach the Kubernetes API to {action}: {type(exc).__name__}: {exc}".rstrip(": ")
+    )
+
+
+class PodHandle(RunnerHandle):
+    """A runner Pod (and its Secret), as returned by :meth:`KubernetesBackend.boot`.
+
+    Attributes:
+        namespace: the namespace of the Pod.
+        pod_name: the Pod's name (``None`` until it was created).
+        secret_name: the name of the Secret holding the runner's environment.
+        runner_id: the id the pool gave the runner.
+    """
+
+    def __init__(self, backend: KubernetesBackend, namespace: str, runner_id: str) -> None:
+        self._backend = backend
+        self.namespace = namespace
+        self.runner_id = runner_id
+        self.pod_name: str | None = None
+        self.secret_name: str | None = None
+        self._ended: str | None = None
+        self._state = "not created"
+        self._log_tail = ""
+        self._stopped = False
+        self._stopping: asyncio.Future[None] | None = None
+
+    @property
+    def id(self) -> str:
+        """The Pod's name."""
+        return self.pod_name or f"(pod of runner {self.runner_id})"
+
+    def __repr__(self) -> str:
+        return (
+            f"<PodHandle {self.namespace}/{self.pod_name} runner_id={self.runner_id!r} "
+            f"{'stopped' if self._stopped else self._ended or 'live'}>"
+        )
+
+    def diagnostics(self) -> str:
+        """The Pod's last observed state, and the tail of its output if it failed."""
+        text = self._state
+        if self._log_tail:
+            text += f"\nlast output of the runner container:\n{self._log_tail.rstrip()}"
+        return text
+
+    async def wait(self) -> str:
+        """Resolve when the Pod is gone, finished, or cannot start, with the reason."""
+        if self._ended is not None:
+            return self._ended
+        failures = 0
+        while True:
+            if self._backend._closed or self.pod_name is None:
+                await asyncio.Event().wait()  # nothing to watch: leave it to the heartbeats
+            try:
+                outcome = await self._watch()
+            except _api_error_types() as exc:
+                failures += 1
+                logger.debug("watching pod %s/%s: %r", self.namespace, self.pod_name, exc)
+                if _status_code(exc) in (401, 403) and failures == 1:
+                    logger.warning(
+                        "cannot watch runner pod %s/%s (%s); runner death is left to "
+                        "heartbeats until this works (%s)",
+                        self.namespace,
+                        self.pod_name,
+                        _status_code(exc),
+                        _RBAC_HINT,
+                    )
+                await asyncio.sleep(_RETRY_DELAY)
+                continue
+            if outcome is None:  # the watch ended without news: resume it
+                continue
+            self._ended = outcome
+            return outcome
+
+    async def _watch(self) -> str | None:
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod
+
+        assert self.pod_name is not None
+        client = self._backend._client()
+        gone = "was deleted (its Pod is gone)"
+        try:
+            pod = await client.get(Pod, self.pod_name, namespace=self.namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return gone
+            raise
+        outcome = await self._observe(pod.to_dict())
+        if outcome is not None:
+            return outcome
+        events = client.watch(
+            Pod,
+            namespace=self.namespace,
+            fields={"metadata.name": self.pod_name},
+            resource_version=pod.metadata.resourceVersion if pod.metadata else None,
+            server_timeout=_WATCH_SERVER_TIMEOUT,
+        )
+        try:
+            async for kind, obj in events:
+                if kind == "DELETED":
+                    self._state = describe_pod(obj.to_dict()) + " (deleted)"
+                    return gone
+                outcome = await self._observe(obj.to_dict())
+                if outcome is not None:
+                    return outcome
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return None
+
+    async def _observe(self, pod: Manifest) -> str | None:
+        self._state = describe_pod(pod)
+        outcome = pod_outcome(pod, wait_for_capacity=self._backend._wait_for_capacity)
+        if outcome is not None and (pod.get("status") or {}).get("phase") == "Failed":
+            self._log_tail = await self._read_log_tail()
+        return outcome
+
+    async def _read_log_tail(self) -> str:
+        """The last lines the runner container wrote (best effort: empty if not allowed)."""
+        assert self.pod_name is not None
+        errors: tuple[type[BaseException], ...] = (TimeoutError, *_api_error_types())
+        try:
+            async with asyncio.timeout(3):
+                lines = [
+                    line
+                    async for line in self._backend._client().log(
+                        self.pod_name, namespace=self.namespace, tail_lines=_LOG_TAIL_LINES
+                    )
+                ]
+        except errors:
+            return ""
+        return "".join(lines)
+
+    async def stop(self) -> None:
+        """Delete the Pod and its Secret. A missing object counts as deleted. Idempotent.
+
+        The deletion goes on even if the caller is cancelled (and the backend's ``aclose``
+        waits for it). Failures are logged (naming what is left behind), not raised; the
+        ownerReferences still let the cluster collect both when the parent Pod goes.
+        """
+        if self._stopped:
+            return
+        if self._stopping is None or self._stopping.done():
+            self._stopping = asyncio.ensure_future(self._stop_now())
+            self._backend._track(self._stopping)
+        await asyncio.shield(self._stopping)
+
+    async def _stop_now(self) -> None:
+        async with self._backend._client_for_cleanup() as client:
+            done = True
+            if self.pod_name is not None:
+                done &= await self._delete(client, "Pod", self.pod_name)
+            if self.secret_name is not None:
+                done &= await self._delete(client, "Secret", self.secret_name)
+        self._stopped = done
+
+    async def _delete(self, client: AsyncClient, kind: str, name: str) -> bool:
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod, Secret
+
+        try:
+            if kind == "Pod":
+                await client.delete(
+                    Pod,
+                    name,
+                    namespace=self.namespace,
+                    grace_period=self._backend._stop_grace_period,
+                )
+            else:
+                await client.delete(Secret, name, namespace=self.namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return True
+            logger.warning(
+                "could not delete runner %s %s/%s: %s",
+                kind,
+                self.namespace,
+                name,
+                _translate(exc, f"delete {kind} {name}"),
+            )
+            return False
+        except _api_error_types() as exc:
+            logger.warning(
+                "could not delete runner %s %s/%s: %s",
+                kind,
+                self.namespace,
+                name,
+                _translate(exc, f"delete {kind} {name}"),
+            )
+            return False
+        return True
+
+
+class KubernetesBackend(Backend):
+    """Runs each runner in a Pod cloned from the parent's own Pod.
+
+    The parent must run in a Pod whose ``POD_NAME`` and ``POD_NAMESPACE`` (and ideally
+    ``POD_IP``) come from the downward API, under a service account allowed to manage Pods
+    and create Secrets in its namespace; see ``docs/backends/kubernetes.md``.
+
+    Args:
+        kubeconfig: path of a kubeconfig file. ``None`` (the default) uses the in-cluster
+            service account.
+        context: the kubeconfig context to use (default: its current context).
+        namespace: namespace of the parent Pod and of the runners (default:
+            ``POD_NAMESPACE``, then the configuration's namespace).
+        pod_name: the parent's own Pod (default: ``POD_NAME``).
+        container: name of the parent's app container to clone (default: the first).
+        image: image of the runners (default: the app container's).
+        command: the runner command (default: the launch's ``python -m flame runner``).
+        resources: the runner container's ``resources`` (``{"requests": {...},
+            "limits": {...}}``), replacing the app container's.
+        env: extra plain environment variables for runners (visible in the Pod spec: put
+            secrets in a Kubernetes Secret and reference it through ``pod_template``).
+        labels: extra labels for runner Pods.
+        pod_template: called with the runner Pod manifest (a dict) just before it is
+            created; modify it in place or return a new one (node selectors, tolerations,
+            GPUs, volumes, sidecars). The backend then re-applies what it relies on: the
+            namespace, the owner reference to the parent, ``restartPolicy: Never``, its
+            labels and the Secret references of the runner environment.
+        app: the module (or script path) runners import as the application (default: the
+            parent's main module).
+        listen_host: address the parent listens on for runners (default ``"0.0.0.0"``, or
+            ``"::"`` when the Pod IP is IPv6).
+        advertise_host: address runners dial (default: ``POD_IP``, then the parent Pod's
+            ``status.podIP``, then this host name's address).
+        wait_for_capacity: keep waiting (within the pool's ``boot_timeout``) for a runner
+            Pod that is Unschedulable, for clusters that add nodes on demand, instead of
+            failing its boot at once.
+        stop_grace_period: seconds a stopped runner Pod gets between SIGTERM and SIGKILL.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: str | os.PathLike[str] | None = None,
+        context: str | None = None,
+        namespace: str | None = None,
+        pod_name: str | None = None,
+        container: str | None = None,
+        image: str | None = None,
+        command: Sequence[str] | None = None,
+        resources: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        pod_template: PodTemplateHook | None = None,
+        app: str | None = None,
+        listen_host: str | None = None,
+        advertise_host: str | None = None,
+        wait_for_capacity: bool = False,
+        stop_grace_period: int = 1,
+    ) -> None:
+        _require_lightkube()
+        for option, value in (
+            ("context", context),
+            ("namespace", namespace),
+            ("pod_name", pod_name),
+            ("container", container),
+            ("image", image),
+            ("app", app),
+            ("listen_host", listen_host),
+            ("advertise_host", advertise_host),
+        ):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{option} must be a non-empty string, got {value!r}")
+        if context is not None and kubeconfig is None:
+            raise ValueError("context needs kubeconfig (in-cluster configuration has none)")
+        if command is not None and (
+            isinstance(command, str)
+            or not command
+            or not all(isinstance(a, str) and a for a in command)
+        ):
+            raise ValueError(f"command must be a non-empty sequence of strings, got {command!r}")
+        if resources is not None:
+            if not isinstance(resources, Mapping) or not set(resources) <= {
+                "limits",
+                "requests",
+                "claims",
+            }:
+                raise ValueError(
+                    "resources must be a mapping with keys among 'limits', 'requests', 'claims'"
+                )
+            for section in ("limits", "requests"):
+                if not isinstance(resources.get(section, {}), Mapping):
+                    raise ValueError(f"resources[{section!r}] must be a mapping")
+        for key, val in (env or {}).items():
+            if not isinstance(key, str) or not _ENV_NAME.match(key) or not isinstance(val, str):
+                raise ValueError(f"env must map variable names to strings, got {key!r}: ...")
+        for key, val in (labels or {}).items():
+            if not _LABEL_KEY.match(key) or not isinstance(val, str) or not _LABEL_VALUE.match(val):
+                raise ValueError(f"labels: {key!r}: {val!r} is not a valid Kubernetes label")
+        if pod_template is not None and not callable(pod_template):
+            raise ValueError("pod_template must be a callable taking and returning a manifest")
+        if isinstance(stop_grace_period, bool) or not isinstance(stop_grace_period, int):
+            raise ValueError("stop_grace_period must be an int (seconds)")
+        if stop_grace_period < 0:
+            raise ValueError("stop_grace_period must be >= 0")
+
+        self._kubeconfig = os.fspath(kubeconfig) if kubeconfig is not None else None
+        self._context = context
+        self._namespace = namespace
+        self._pod_name = pod_name
+        self._container = container
+        self._image = image
+        self._command = tuple(command) if command is not None else None
+        self._resources = _quantities(resources) if resources is not None else None
+        self._env = dict(env or {})
+        self._labels = dict(labels or {})
+        self._pod_template = pod_template
+        self._app = app
+        self._listen_host = listen_host
+        self._advertise_host = advertise_host
+        self._wait_for_capacity = bool(wait_for_capacity)
+        self._stop_grace_period = stop_grace_period
+
+        self._client_obj: AsyncClient | None = None
+        self._closed = False
+        self._stopping: set[asyncio.Future[None]] = set()  # deletions under way
+        self._parent: Manifest | None = None
+        self._parent_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    def __repr__(self) -> str:
+        source = f"kubeconfig={self._kubeconfig!r}" if self._kubeconfig else "in-cluster"
+        pod = self._pod_name or os.environ.get("POD_NAME") or "?"
+        return f"<KubernetesBackend {source} pod={pod!r} namespace={self._namespace!r}>"
+
+    # -- addresses --------------------------------------------------------------------------
+    def _pod_ips(self) -> list[str]:
+        if self._advertise_host:
+            return [self._advertise_host]
+        from_env = os.environ.get("POD_IPS") or os.environ.get("POD_IP")
+        if from_env:
+            return [ip.strip() for ip in from_env.split(",") if ip.strip()]
+        if self._parent is not None:
+            status = self._parent.get("status") or {}
+            ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")]
+            if ips or status.get("podIP"):
+                return ips or [status["podIP"]]
+        # In a Pod, the kubelet maps the Pod's host name to its IP in /etc/hosts.
+        host = socket.gethostname()
+        try:
+            return [socket.gethostbyname(host)]
+        except OSError:
+            logger.warning(
+                "cannot tell this Pod's IP: set POD_IP from the downward API "
+                "(status.podIP); runners will dial %r",
+                host,
+            )
+            return [host]
+
+    def listen_host(self) -> str:
+        """``"0.0.0.0"``, or ``"::"`` (dual stack) when the Pod has an IPv6 address."""
+        if self._listen_host is not None:
+            return self._listen_host
+        return "::" if any(":" in ip for ip in self._pod_ips()) else "0.0.0.0"
+
+    def advertise_hosts(self) -> Sequence[str]:
+        """The parent Pod's IP addresses (see ``advertise_host``)."""
+        return self._pod_ips()
+
+    def runner_app(self) -> Mapping[str, str] | None:
+        """The ``app`` option as the runner expects it, or ``None`` for the main module."""
+        if self._app is None:
+            return None
+        return {"path": self._app} if self._app.endswith(".py") else {"module": self._app}
+
+    # -- the API client ---------------------------------------------------------------------
+    def _config(self) -> Any:
+        from lightkube import KubeConfig
+
+        if self._kubeconfig is None:
+            return KubeConfig.from_service_account().get()
+        return KubeConfig.from_file(self._kubeconfig).get(context_name=self._context)
+
+    def _new_client(self) -> AsyncClient:
+        from lightkube import AsyncClient
+
+        try:
+            config = self._config()
+        except _api_error_types() as exc:
+            raise _translate(exc, "load its configuration") from exc
+        except KeyError as exc:  # an incomplete kubeconfig
+            raise BootError(f"Kubernetes configuration is missing {exc}") from exc
+        return AsyncClient(config=config, namespace=self._namespace, field_manager="flame")
+
+    def _client(self) -> AsyncClient:
+        if self._client_obj is None:
+            self._client_obj = self._new_client()
+        return self._client_obj
+
+    @contextlib.asynccontextmanager
+    async def _client_for_cleanup(self) -> AsyncIterator[AsyncClient]:
+        """The backend's client, or a temporary one when the backend was closed already."""
+        if not self._closed and self._client_obj is not None:
+            yield self._client_obj
+            return
+        client = self._new_client()
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    async def _api(self, action: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except _api_error_types() as exc:
+            raise _translate(exc, action) from exc
+
+    def _target_namespace(self) -> str:
+        ns = self._namespace or os.environ.get("POD_NAMESPACE") or self._client().namespace
+        return str(ns)
+
+    async def parent_pod(self) -> Manifest:
+        """The parent's own Pod, as a dict (read once, on first use).
+
+        Raises :class:`flame.BootError` when it cannot be found or read.
+        """
+        from lightkube.resources.core_v1 import Pod
+
+        loop = asyncio.get_running_loop()
+        if self._parent_lock is None or self._parent_lock[0] is not loop:
+            self._parent_lock = (loop, asyncio.Lock())
+        async with self._parent_lock[1]:
+            if self._parent is None:
+                name = self._pod_name or os.environ.get("POD_NAME")
+                if not name:
+                    raise BootError(
+                        "KubernetesBackend cannot find its own Pod: set POD_NAME and "
+                        "POD_NAMESPACE from the downward API (metadata.name, "
+                        "metadata.namespace), or pass pod_name="
+                    )
+                ns = self._target_namespace()
+                pod = await self._api(
+                    f"read the parent's own Pod {ns}/{name} (from POD_NAME/POD_NAMESPACE)",
+                    self._client().get(Pod, name, namespace=ns),
+                )
+                self._parent = pod.to_dict()
+            return copy.deepcopy(self._parent)
+
+    # -- manifests --------------------------------------------------------------------------
+    def _app_container(self, parent: Mapping[str, Any]) -> Manifest:
+        containers = (parent.get("spec") or {}).get("containers") or []
+        if not containers:
+            raise BootError("the parent Pod has no containers to clone")
+        if self._container is None:
+            return dict(containers[0])
+        for c in containers:
+            if c.get("name") == self._container:
+                return dict(c)
+        names = ", ".join(repr(c.get("name")) for c in containers)
+        raise BootError(f"container={self._container!r} is not in the parent Pod (it has {names})")
+
+    def _runner_labels(self, parent: Mapping[str, Any], launch: RunnerLaunch) -> dict[str, str]:
+        labels = dict(self._labels)
+        labels.update(
+            {
+                LABEL_MANAGED_BY: "flame",
+                LABEL_COMPONENT: "flame-runner",
+                LABEL_POOL: _label_value(launch.pool),
+                LABEL_RUNNER: _label_value(launch.runner_id),
+                LABEL_PARENT: _label_value(parent["metadata"]["name"]),
+            }
+        )
+        return labels
+
+    @staticmethod
+    def _parent_meta(parent: Mapping[str, Any]) -> Mapping[str, Any]:
+        meta = parent.get("metadata") or {}
+        for field in ("name", "namespace", "uid"):
+            if not meta.get(field):
+                raise BootError(f"the parent Pod has no metadata.{field}")
+        return meta
+
+    def runner_secret_manifest(
+        self, parent_pod: Mapping[str, Any], launch: RunnerLaunch
+    ) -> Manifest:
+        """The Secret holding ``launch.env`` for one runner, owned by the parent Pod.
+
+        Its keys are the variable names. It is immutable, labelled like the runner Pod, and
+        re-owned by the runner Pod once that exists.
+        """
+        meta = self._parent_meta(parent_pod)
+        for key in launch.env:
+            if not _ENV_NAME.match(key):
+                raise BootError(f"runner environment variable {key!r} cannot be a Secret key")
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "generateName": _name_prefix(meta["name"]) + "secret-",
+                "namespace": meta["namespace"],
+                "labels": self._runner_labels(parent_pod, launch),
+                "ownerReferences": [_owner_reference(parent_pod)],
+            },
+            "type": "Opaque",
+            "immutable": True,
+            "data": {
+                k: base64.b64encode(v.encode()).decode("ascii") for k, v in launch.env.items()
+            },
+        }
+
+    def runner_pod_manifest(
+        self, parent_pod: Mapping[str, Any], launch: RunnerLaunch, *, secret_name: str
+    ) -> Manifest:
+        """The runner Pod for ``launch``, cloned from ``parent_pod``, as a dict.
+
+        ``launch.env`` is referenced from the Secret ``secret_name`` (see
+        :meth:`runner_secret_manifest`), never written into the Pod. ``pod_template`` has
+        been applied. Raises :class:`flame.BootError` if the parent cannot be cloned.
+        """
+        parent = copy.deepcopy(dict(parent_pod))
+        meta = self._parent_meta(parent)
+        spec = parent.get("spec") or {}
+        app = self._app_container(parent)
+
+        # volumes that can be shared with another Pod, and the app's mounts of them
+        volumes = [
+            v
+            for v in spec.get("volumes") or []
+            if set(v) & _CLONED_VOLUME_TYPES
+            and not str(v.get("name")).startswith("kube-api-access-")
+        ]
+        volume_names = {v.get("name") for v in volumes}
+        mounts = [
+            m
+            for m in app.get("volumeMounts") or []
+            if m.get("name") in volume_names and m.get("mountPath") != _SERVICE_ACCOUNT_MOUNT
+        ]
+        used = {m.get("name") for m in mounts}
+        volumes = [v for v in volumes if v.get("name") in used]
+
+        reserved = set(launch.env) | set(self._env)
+        env = [e for e in app.get("env") or [] if e.get("name") not in reserved]
+        env += [{"name": k, "value": v} for k, v in self._env.items()]
+        container: Manifest = {
+            "name": app.get("name") or "runner",
+            "image": self._image or app.get("image"),
+            "command": list(self._command or launch.argv),
+            "env": env,
+        }
+        for field in _CLONED_CONTAINER_FIELDS:
+            if app.get(field) is not None:
+                container[field] = app[field]
+        resources = self._resources if self._resources is not None else app.get("resources")
+        if resources:
+            container["resources"] = copy.deepcopy(resources)
+        if mounts:
+            container["volumeMounts"] = mounts
+
+        pod_spec: Manifest = {"restartPolicy": "Never", "containers": [container]}
+        for field in _CLONED_POD_FIELDS:
+            if spec.get(field) is not None:
+                pod_spec[field] = spec[field]
+        if volumes:
+            pod_spec["volumes"] = volumes
+
+        manifest: Manifest = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "generateName": _name_prefix(meta["name"]),
+                "namespace": meta["namespace"],
+                "labels": self._runner_labels(parent, launch),
+                "annotations": {ANNOTATION_POOL: launch.pool},
+                "ownerReferences": [_owner_reference(parent)],
+            },
+            "spec": pod_spec,
+        }
+        self._add_secret_env(manifest, launch, secret_name, str(container["name"]))
+        if self._pod_template is not None:
+            result = self._pod_template(manifest)
+            if result is not None:
+                manifest = result
+            if not isinstance(manifest, dict):
+                raise BootError(
+                    f"pod_template returned {type(manifest).__name__}, not a manifest dict"
+                )
+            self._enforce(manifest, parent, launch, secret_name, str(container["name"]))
+        return manifest
+
+    @staticmethod
+    def _add_secret_env(
+        manifest: Manifest, launch: RunnerLaunch, secret_name: str, container_name: str
+    ) -> None:
+        containers = manifest["spec"]["containers"]
+        target = next((c for c in containers if c.get("name") == container_name), containers[0])
+        keep = [e for e in target.get("env") or [] if e.get("name") not in launch.env]
+        target["env"] = keep + [
+            {"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": k}}}
+            for k in sorted(launch.env)
+        ]
+
+    def _enforce(
+        self,
+        manifest: Manifest,
+        parent: Mapping[str, Any],
+        launch: RunnerLaunch,
+        secret_name: str,
+        container_name: str,
+    ) -> None:
+        """Re-apply, after ``pod_template``, what the backend's guarantees rest on."""
+        meta = parent["metadata"]
+        manifest["apiVersion"], manifest["kind"] = "v1", "Pod"
+        md = manifest.setdefault("metadata", {})
+        md["namespace"] = meta["namespace"]
+        if not md.get("name"):
+            md.setdefault("generateName", _name_prefix(meta["name"]))
+        refs = [r for r in md.get("ownerReferences") or [] if r.get("uid") != meta["uid"]]
+        for r in refs:
+            r.pop("controller", None)  # only one controller: the parent Pod
+        md["ownerReferences"] = [_owner_reference(parent), *refs]
+        md["labels"] = {**(md.get("labels") or {}), **self._runner_labels(parent, launch)}
+        spec = manifest.setdefault("spec", {})
+        spec["restartPolicy"] = "Never"
+        if not spec.get("containers"):
+            raise BootError("pod_template left the runner Pod without containers")
+        self._add_secret_env(manifest, launch, secret_name, container_name)
+
+    # -- booting ----------------------------------------------------------------------------
+    async def boot(self, launch: RunnerLaunch) -> PodHandle:
+        """Create the runner's Secret and Pod and return at once (not waiting for it to run).
+
+        On any failure, or if cancelled, whatever was created is deleted before raising.
+        """
+        self._closed = False
+        handle = PodHandle(self, self._namespace or "", launch.runner_id)
+        task = asyncio.ensure_future(self._create(launch, handle))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The API calls are not interrupted half-way (the server may already hold the
+            # objects): let them finish, then delete what they made.
+            try:
+                with contextlib.suppress(Exception):
+                    await task
+            finally:
+                await handle.stop()
+            raise
+        return handle
+
+    async def _create(self, launch: RunnerLaunch, handle: PodHandle) -> None:
+        from lightkube.resources.core_v1 import Pod, Secret
+        from lightkube.types import PatchType
+
+        parent = await self.parent_pod()
+        client = self._client()
+        ns = parent["metadata"]["namespace"]
+        handle.namespace = ns
+        try:
+            secret = await self._api(
+                f"create the runner's Secret in namespace {ns}",
+                client.create(Secret.from_dict(self.runner_secret_manifest(parent, launch))),
+            )
+            assert secret.metadata is not None and secret.metadata.name is not None
+            handle.secret_name = secret.metadata.name
+            manifest = self.runner_pod_manifest(parent, launch, secret_name=handle.secret_name)
+            try:
+                pod_obj = Pod.from_dict(manifest)
+            except (ValueError, TypeError) as exc:
+                raise BootError(f"the runner Pod manifest is not a valid Pod: {exc}") from exc
+            pod = await self._api(f"create a runner Pod in namespace {ns}", client.create(pod_obj))
+            assert pod.metadata is not None and pod.metadata.name is not None
+            handle.pod_name = pod.metadata.name
+            handle._state = describe_pod(pod.to_dict())
+            try:
+                await self._api(
+                    f"hand Secret {handle.secret_name} to Pod {handle.pod_name}",
+                    client.patch(
+                        Secret,
+                        handle.secret_name,
+                        {"metadata": {"ownerReferences": [_owner_reference(pod.to_dict())]}},
+                        namespace=ns,
+                        patch_type=PatchType.MERGE,
+                    ),
+                )
+            except BootError as exc:
+                # Not fatal: stop() deletes the Secret, and the parent Pod still owns it.
+                logger.warning("%s; it stays owned by the parent Pod until deleted", exc)
+        except BaseException:
+            await handle.stop()
+            raise
+        logger.debug("runner %s: created pod %s/%s", launch.runner_id, ns, handle.pod_name)
+
+    def _track(self, stopping: asyncio.Future[None]) -> None:
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+
+    async def aclose(self) -> None:
+        """Close the API client, once the deletions under way are done.
+
+        Handles stopped later use a short-lived client of their own.
+        """
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        pending = [f for f in self._stopping if not f.done() and f.get_loop() is loop]
+        if pending:
+            await asyncio.wait(pending, timeout=_ACLOSE_WAIT)
+        client, self._client_obj = self._client_obj, None
+        if client is not None:
+            await client.close()
