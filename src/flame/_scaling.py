@@ -5,22 +5,32 @@ order) and answers every event with the list of things to do. Time comes in with
 (``now``, monotonic seconds). The async shell in ``flame._pool`` carries the actions out; this
 split lets the rules be tested exhaustively on their own (see tests/test_scaling.py).
 
+Every event but ``stop`` ends by settling the pool: callers whose deadline passed fail, free
+slots are handed out, missing runners are booted, and a ``Wake`` tells the shell when to
+``tick`` next (the earliest caller deadline, and the end of a boot debounce).
+
 The rules (SPEC "Pool rules", plus where we do better than FLAME):
 
 * a caller goes to the ready runner with the fewest calls in flight, if below
   ``max_concurrency``; otherwise it waits, first in, first out;
 * runners are booted while (booting + ready + retiring) < ``max`` and the waiting callers are
-  not covered by the runners already booting (``boot_ahead`` free slots are kept in reserve
-  on top of that), and always up to ``min``; a retiring runner still counts towards ``max``
-  until it is gone, so the pool can never exceed ``max`` processes;
+  not covered by the runners already booting (while work is in flight, ``boot_ahead`` free
+  slots are kept in reserve on top of that), and always up to ``min``; a retiring runner
+  still counts towards ``max`` until it is gone, so the pool can never exceed ``max``
+  processes;
 * a runner that comes up takes waiting callers, up to ``max_concurrency``; callers whose
   deadline passed or who withdrew are skipped;
 * a failed boot blocks new boots for ``retry_debounce`` seconds; the callers no ready or
   booting runner can serve fail at once with the boot's error;
 * a runner asking to go idle is let go when it is beyond ``min`` (after
   ``idle_shutdown_after``), or, being one of the ``min``, after ``min_idle_shutdown_after``;
+  a ``min`` runner that idled down is not replaced until the next caller arrives (otherwise
+  an idle pool would recycle its ``min`` runners forever);
 * a single-use runner is retired after its call; dead and retired runners are replaced while
-  the pool is below ``min``.
+  the pool is below ``min``;
+* hooks: ``on_grow_start`` / ``on_grow_end`` for boots beyond ``min`` (ready + booting), the
+  end also when the boot fails or the runner was retired while booting; ``on_shrink`` when a
+  booted runner goes. Their ``count`` is the runner count (retiring ones included) after it.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ class RunnerView:
     state: RState = RState.BOOTING
     in_flight: int = 0
     idle_since: float = 0.0
-    grew: bool = False  # booted beyond min: its boot is reported to on_grow_start/end
+    grew: bool = False  # booted beyond min: on_grow_start was sent, on_grow_end is due
 
 
 @dataclass
@@ -118,6 +128,8 @@ class Scaler:
     waiters: OrderedDict[int, WaiterView] = field(default_factory=OrderedDict)
     stopping: bool = False
     boot_blocked_until: float = -math.inf
+    #: a min runner idled down (min_idle_shutdown_after): min is not restored until work comes
+    min_released: bool = False
     _next_runner: int = 0
 
     # -- queries ----------------------------------------------------------------------------
@@ -137,6 +149,7 @@ class Scaler:
         """A caller wants a slot."""
         if self.stopping:
             return [Fail(waiter, FailKind.CLOSED)]
+        self.min_released = False
         self.waiters[waiter] = WaiterView(waiter, deadline)
         return self._settle(now)
 
@@ -161,15 +174,17 @@ class Scaler:
 
     def runner_up(self, runner: int, now: float) -> list[Action]:
         r = self.runners.get(runner)
-        if r is None or r.state is not RState.BOOTING:
+        if r is None or r.state is RState.READY:
             return self._settle(now)
-        r.state = RState.READY
-        r.idle_since = now
         actions: list[Action] = []
-        if self.stopping:
-            r.state = RState.RETIRING
-            actions.append(Retire(runner))
-        if r.grew:
+        if r.state is RState.BOOTING:
+            r.state = RState.READY
+            r.idle_since = now
+            if self.stopping:
+                r.state = RState.RETIRING
+                actions.append(Retire(runner))
+        if r.grew:  # also when it was retired while booting (stop) and came up anyway
+            r.grew = False
             actions.append(Hook("on_grow_end", self.count(), "ok"))
         return actions + self._settle(now)
 
@@ -203,26 +218,32 @@ class Scaler:
 
     def idle_request(self, runner: int, now: float) -> list[Action]:
         """The runner has been idle (and its idle check passed): may it shut down?"""
+        return self._idle(runner, now) + self._settle(now)
+
+    def _idle(self, runner: int, now: float) -> list[Action]:
         r = self.runners.get(runner)
         if r is None or r.state is not RState.READY:
             return []
         if r.in_flight:
             return [Keep(runner, -1.0)]
         live = self.count(RState.READY, RState.BOOTING)
-        limit = self.idle_shutdown_after if live > self.min else self.min_idle_shutdown_after
+        beyond = live > self.min
+        limit = self.idle_shutdown_after if beyond else self.min_idle_shutdown_after
         if limit is None:
             return [Keep(runner, -1.0)]
         idle_for = now - r.idle_since
         if idle_for >= limit - min(0.5, limit * 0.25):
             r.state = RState.RETIRING
-            return [Retire(runner), *self._settle(now)]
+            if not beyond:
+                self.min_released = True  # an idle pool may go below min, until work comes
+            return [Retire(runner)]
         return [Keep(runner, limit - idle_for)]
 
     def retire(self, runner: int, now: float) -> list[Action]:
         """The shell wants this runner gone (it lost it, or a call on it got stuck)."""
         r = self.runners.get(runner)
         if r is None or r.state is RState.RETIRING:
-            return []
+            return self._settle(now)
         r.state = RState.RETIRING
         return [Retire(runner), *self._settle(now)]
 
@@ -261,15 +282,15 @@ class Scaler:
             actions.append(Assign(wid, best.id))
         if self.stopping:
             return actions
-        # 3. boot what is missing
+        # 3. boot what is missing (after a failed boot: once the debounce is over)
         wanted = self._boots_wanted()
         if wanted and now < self.boot_blocked_until:
             actions.append(Wake(self.boot_blocked_until))
-            return actions
+            wanted = 0
         for _ in range(wanted):
             rid = self._next_runner
             self._next_runner += 1
-            grew = self.count() >= self.min
+            grew = self.count(RState.READY, RState.BOOTING) >= self.min
             self.runners[rid] = RunnerView(rid, grew=grew)
             actions.append(Boot(rid))
             if grew:
@@ -281,24 +302,18 @@ class Scaler:
         return actions
 
     def _boots_wanted(self) -> int:
-        total = self.count()
-        room = self.max - total
+        room = self.max - self.count()
         if room <= 0:
             return 0
-        live = self.count(RState.READY, RState.BOOTING)
-        below_min = max(0, self.min - live)
+        mc = self.max_concurrency
         booting = self.count(RState.BOOTING)
-        uncovered = len(self.waiters) - booting * self.max_concurrency
-        for_waiters = max(0, math.ceil(uncovered / self.max_concurrency))
-        ahead = 0
+        below_min = max(0, self.min - self.count(RState.READY) - booting)
+        if self.min_released:
+            below_min = 0
+        # the slots left once the booting runners are up and every waiter took one
+        free = booting * mc - len(self.waiters)
+        free += sum(mc - r.in_flight for r in self.runners.values() if r.state is RState.READY)
         busy = self.waiters or any(r.in_flight for r in self.runners.values())
-        if self.boot_ahead > 0 and for_waiters == 0 and busy:
-            free = sum(
-                self.max_concurrency - r.in_flight
-                for r in self.runners.values()
-                if r.state is RState.READY
-            )
-            free += booting * self.max_concurrency - len(self.waiters)
-            if free < self.boot_ahead:
-                ahead = 1
-        return min(room, max(below_min, for_waiters, ahead))
+        reserve = self.boot_ahead if busy else 0
+        for_demand = max(0, math.ceil((reserve - free) / mc))
+        return min(room, max(below_min, for_demand))
