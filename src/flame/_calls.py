@@ -90,6 +90,42 @@ def _send(
         raise
 
 
+def _register(
+    runner: BaseRunner,
+    kind: str,
+    loop: asyncio.AbstractEventLoop | None = None,
+    call_id: int | None = None,
+) -> tuple[int, Pending]:
+    """A new call in flight on ``runner``, whose outcome this caller will wait for."""
+    if call_id is None:
+        call_id = runner.next_id()
+    pending = Pending(runner, loop, kind)
+    pending.call_id = call_id
+    runner.pending[call_id] = pending
+    return call_id, pending
+
+
+def _give_up(pending: Pending) -> bool:
+    """The caller stops waiting (timeout, cancellation). If the outcome came in meanwhile,
+    settle it and return True; otherwise tell the runner to cancel the work."""
+    if pending.abandon():
+        pending.settle()
+        return True
+    pending.runner.cancel(pending.call_id)
+    return False
+
+
+def _give_up_placing(pending: Pending) -> bool:
+    """Like :func:`_give_up`, for a child being placed: a child built meanwhile is stopped."""
+    if pending.abandon():
+        pending.settle()
+        if pending.status == _wire.STATUS_OK:
+            pending.runner.stop_child(pending.call_id)
+        return False
+    pending.runner.stop_child(pending.call_id)
+    return False
+
+
 def _section_size(section: Any) -> int:
     if section is None:
         return 0
@@ -103,18 +139,16 @@ def call(pool: Pool, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -
     wait_deadline, overall, default_run = _plan(pool, timeout)
     runner = pool.checkout(wait_deadline)
     limit = _run_timeout(overall, default_run)
-    call_id = runner.next_id()
-    pending = Pending(runner)
-    runner.pending[call_id] = pending
+    call_id, pending = _register(runner, "call")
     _send(runner, call_id, _wire.FLAG_LINK if link else 0, limit, fn, args, section)
     try:
         ok = pending.wait(limit)
     except BaseException:
-        runner.cancel(call_id)
+        _give_up(pending)
         raise
-    if not ok:
-        runner.cancel(call_id)
+    if not ok and not _give_up(pending):
         raise _timed_out(fn, runner, limit)
+    pending.settle()
     return decode(pending)
 
 
@@ -124,9 +158,7 @@ async def acall(pool: Pool, fn: Any, args: tuple[Any, ...], timeout: Any, link: 
     wait_deadline, overall, default_run = _plan(pool, timeout)
     runner = await pool.acheckout(wait_deadline)
     limit = _run_timeout(overall, default_run)
-    call_id = runner.next_id()
-    pending = Pending(runner, asyncio.get_running_loop())
-    runner.pending[call_id] = pending
+    call_id, pending = _register(runner, "call", asyncio.get_running_loop())
     flags = _wire.FLAG_LINK if link else 0
     try:
         if _section_size(section) > _BIG_SEND:
@@ -135,11 +167,11 @@ async def acall(pool: Pool, fn: Any, args: tuple[Any, ...], timeout: Any, link: 
             _send(runner, call_id, flags, limit, fn, args, section)
         ok = await pending.wait_async(limit)
     except asyncio.CancelledError:
-        runner.cancel(call_id)
+        _give_up(pending)
         raise
-    if not ok:
-        runner.cancel(call_id)
+    if not ok and not _give_up(pending):
         raise _timed_out(fn, runner, limit)
+    pending.settle()
     return decode(pending)
 
 
@@ -154,9 +186,7 @@ def cast(pool: Pool, fn: Any, args: tuple[Any, ...], link: bool) -> None:
     async def run() -> None:
         try:
             runner = await pool.acheckout(time.monotonic() + pool.boot_timeout)
-            call_id = runner.next_id()
-            pending = Pending(runner, loop)
-            runner.pending[call_id] = pending
+            call_id, pending = _register(runner, "call", loop)
             flags = _wire.FLAG_CAST | (_wire.FLAG_LINK if link else 0)
             if _section_size(section) > _BIG_SEND:
                 await asyncio.to_thread(
@@ -164,9 +194,9 @@ def cast(pool: Pool, fn: Any, args: tuple[Any, ...], link: bool) -> None:
                 )
             else:
                 _send(runner, call_id, flags, pool.timeout, fn, args, section)
-            if not await pending.wait_async(pool.timeout):
-                runner.cancel(call_id)
+            if not await pending.wait_async(pool.timeout) and not _give_up(pending):
                 raise _timed_out(fn, runner, pool.timeout)
+            pending.settle()
             await asyncio.to_thread(decode, pending)
         except Exception as exc:
             logger.error(
@@ -235,9 +265,7 @@ class Child:
         name, section = self._prepare(method, args)
         limit = self._pool.timeout if timeout is DEFAULT else timeout
         runner = self._runner
-        call_id = runner.next_id()
-        pending = Pending(runner, kind="child_call")
-        runner.pending[call_id] = pending
+        call_id, pending = _register(runner, "child_call")
         try:
             runner.send_child_call(call_id, self._id, limit, name, args, section)
         except BaseException:
@@ -246,10 +274,9 @@ class Child:
         try:
             ok = pending.wait(limit)
         except BaseException:
-            runner.cancel(call_id)
+            _give_up(pending)
             raise
-        if not ok:
-            runner.cancel(call_id)
+        if not ok and not _give_up(pending):
             raise _timed_out(name, runner, limit)
         return decode(pending)
 
@@ -258,17 +285,14 @@ class Child:
         name, section = self._prepare(method, args)
         limit = self._pool.timeout if timeout is DEFAULT else timeout
         runner = self._runner
-        call_id = runner.next_id()
-        pending = Pending(runner, asyncio.get_running_loop(), kind="child_call")
-        runner.pending[call_id] = pending
+        call_id, pending = _register(runner, "child_call", asyncio.get_running_loop())
         try:
             runner.send_child_call(call_id, self._id, limit, name, args, section)
             ok = await pending.wait_async(limit)
         except asyncio.CancelledError:
-            runner.cancel(call_id)
+            _give_up(pending)
             raise
-        if not ok:
-            runner.cancel(call_id)
+        if not ok and not _give_up(pending):
             raise _timed_out(name, runner, limit)
         return decode(pending)
 
@@ -339,17 +363,16 @@ def place_child(pool: Pool, factory: Any, args: tuple[Any, ...], timeout: Any, l
     runner = pool.checkout(wait_deadline)
     limit = _run_timeout(overall, default_run)
     call_id, child, flags = _placing(pool, runner, link)
-    pending = Pending(runner, kind="place")
-    runner.pending[call_id] = pending
+    pending = _register(runner, "place", call_id=call_id)[1]
     _send(runner, call_id, flags, None, factory, args, section)
     try:
         ok = pending.wait(limit)
     except BaseException:
-        runner.stop_child(call_id)
+        _give_up_placing(pending)
         raise
-    if not ok:
-        runner.stop_child(call_id)
+    if not ok and not _give_up_placing(pending):
         raise _timed_out(factory, runner, limit)
+    pending.settle()
     decode(pending)
     return child
 
@@ -363,17 +386,16 @@ async def aplace_child(
     runner = await pool.acheckout(wait_deadline)
     limit = _run_timeout(overall, default_run)
     call_id, child, flags = _placing(pool, runner, link)
-    pending = Pending(runner, asyncio.get_running_loop(), kind="place")
-    runner.pending[call_id] = pending
+    pending = _register(runner, "place", asyncio.get_running_loop(), call_id=call_id)[1]
     try:
         _send(runner, call_id, flags, None, factory, args, section)
         ok = await pending.wait_async(limit)
     except asyncio.CancelledError:
-        runner.stop_child(call_id)
+        _give_up_placing(pending)
         raise
-    if not ok:
-        runner.stop_child(call_id)
+    if not ok and not _give_up_placing(pending):
         raise _timed_out(factory, runner, limit)
+    pending.settle()
     decode(pending)
     return child
 

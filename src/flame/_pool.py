@@ -297,6 +297,9 @@ class Pool:
         with self._lock:
             self._state = "started"
             self._apply(self._core.start(time.monotonic()))
+        # _apply queued the boots with call_soon_threadsafe on this very loop: let them
+        # start, so that the min runners are awaited below
+        await asyncio.sleep(0)
         tasks = list(self._boot_tasks.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -489,9 +492,12 @@ class Pool:
 
     def _timeout_error(self, deadline: float | None) -> CallTimeout:
         s = self.stats()
+        return self._timeout_from(s.runners, s.booting)
+
+    def _timeout_from(self, runners: int, booting: int) -> CallTimeout:
         return CallTimeout(
-            f"no runner of pool {self.name!r} was free in time ({s.runners} runners busy, "
-            f"{s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
+            f"no runner of pool {self.name!r} was free in time ({runners} runners busy, "
+            f"{booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
         )
 
     def checkout(self, deadline: float | None) -> BaseRunner:
@@ -562,7 +568,11 @@ class Pool:
         if a.kind is _scaling.FailKind.CLOSED:
             return PoolClosed(f"pool {self.name!r} was stopped while the caller waited")
         if a.kind is _scaling.FailKind.TIMEOUT:
-            return self._timeout_error(None)
+            # under self._lock (not reentrant): read the core, never self.stats()
+            core = self._core
+            return self._timeout_from(
+                core.count(_scaling.RState.READY), core.count(_scaling.RState.BOOTING)
+            )
         cause = a.cause
         err = BootError(f"pool {self.name!r} could not boot a runner for this call: {cause}")
         err.__cause__ = cause

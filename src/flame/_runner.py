@@ -35,7 +35,7 @@ from ._child._exits import ExitCode, describe_exit
 from ._errors import (
     BootError,
     CallTimeout,
-    FlameError,
+    PoolClosed,
     RemoteError,
     RemoteTraceback,
     RunnerLost,
@@ -55,7 +55,18 @@ _PREAUTH_SCRATCH = 8192
 class Pending:
     """A call in flight, resolved once with ``(status, payload)`` from any thread."""
 
-    __slots__ = ("_event", "_fut", "_loop", "done", "kind", "payload", "runner", "status")
+    __slots__ = (
+        "_event",
+        "_fut",
+        "_loop",
+        "abandoned",
+        "call_id",
+        "done",
+        "kind",
+        "payload",
+        "runner",
+        "status",
+    )
 
     def __init__(
         self,
@@ -65,7 +76,9 @@ class Pending:
     ) -> None:
         self.runner = runner
         self.kind = kind  # "call" (holds a slot), "place" (a child's slot), "child_call"
+        self.call_id = 0
         self.done = False
+        self.abandoned = False
         self.status = -1
         self.payload: Any = None
         self._loop = loop
@@ -75,19 +88,45 @@ class Pending:
             self._event = threading.Lock()
             self._event.acquire()
 
-    def resolve(self, status: int, payload: Any) -> bool:
+    def resolve(self, status: int, payload: Any) -> None:
+        """Deliver the outcome. The slot bookkeeping (``settle``) is left to the caller, off
+        the loop thread, unless the caller has already stopped waiting."""
         with _resolve_lock:
             if self.done:
-                return False
+                return
             self.done = True
-        self.status, self.payload = status, payload
+            self.status, self.payload = status, payload
+            abandoned = self.abandoned
+        if abandoned:
+            self.settle()
+            return
         if self._event is not None:
             self._event.release()
         elif self._fut is not None and self._loop is not None:
             fut = self._fut
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                 self._loop.call_soon_threadsafe(_set_none, fut)
-        return True
+
+    def abandon(self) -> bool:
+        """The caller stops waiting. Returns True if the outcome is already there (then the
+        caller still owns it, and must ``settle`` it)."""
+        with _resolve_lock:
+            if self.done:
+                return True
+            self.abandoned = True
+            return False
+
+    def settle(self) -> None:
+        """Give back the slot the finished call held (a placed child keeps its own)."""
+        if self.status == LOST or self.kind == "child_call":
+            return
+        ok = self.status == _wire.STATUS_OK or (
+            self.status == DIRECT and self.payload[0] == _wire.STATUS_OK
+        )
+        runner = self.runner
+        if self.kind == "call" or not ok:
+            runner.children.pop(self.call_id, None)
+            runner.pool._release(runner)
 
     def wait(self, timeout: float | None) -> bool:
         assert self._event is not None
@@ -140,7 +179,11 @@ def decode(pending: Pending) -> Any:
             raise _remote_exception(*payload)
     if status == _wire.STATUS_TIMEOUT:
         raise CallTimeout(str(payload))
-    raise FlameError(f"the call was cancelled: {payload}")
+    # the runner was shut down (pool stopped) and the call outlived its shutdown_timeout
+    raise PoolClosed(
+        f"the call was cancelled on its runner ({payload}): the runner was shut down and the "
+        "call did not finish within the pool's shutdown_timeout"
+    )
 
 
 def _remote_exception(blob: bytes | None, type_name: str, message: str, tb: str) -> BaseException:
@@ -254,9 +297,10 @@ class Listener:
                 )
                 answer = await q.get(_wire.PROOF)
                 expected_proof = _wire.proof(exp.secret, b"R", nonce_p, nonce_r)
-                if not hmac.compare_digest(expected_proof, str(answer.get("proof", ""))):
+                given = str(answer.get("proof", "")).encode()  # str: ASCII only; bytes: any
+                if not hmac.compare_digest(expected_proof.encode(), given):
                     raise _wire.ProtocolError("bad proof")
-        except (_wire.ProtocolError, TimeoutError, ValueError):
+        except Exception:  # whatever the peer sent, a failed handshake closes the connection
             conn.close("handshake failed")
             return
         finally:
@@ -346,12 +390,6 @@ class BaseRunner:
     async def kill(self) -> None:
         """Force the runner down and release what the backend holds for it."""
         raise NotImplementedError
-
-    def _after_result(self, p: Pending, call_id: int, ok: bool) -> None:
-        """Give back the slot a finished call held (a placed child keeps its own)."""
-        if p.kind == "call" or (p.kind == "place" and not ok):
-            self.children.pop(call_id, None)
-            self.pool._release(self)
 
     def fail_all(self, message: str) -> None:
         for call_id, p in list(self.pending.items()):
@@ -475,7 +513,6 @@ class RemoteRunner(BaseRunner):
         p = self.pending.pop(call_id, None)
         if p is not None:
             p.resolve(status, payload)
-            self._after_result(p, call_id, status == _wire.STATUS_OK)
 
     def _on_close(self, reason: str) -> None:
         self.pool._loop.create_task(self._lost(reason))
@@ -621,6 +658,7 @@ class LocalRunner(BaseRunner):
             on_stuck=self._on_stuck,
             cancel_grace=self.pool._cancel_grace,
         )
+        self.executor.notify_idle = True  # local runners keep their idle timer event-driven
         self._on_change()
 
     def _loader(
@@ -655,9 +693,7 @@ class LocalRunner(BaseRunner):
             return
         p = self.pending.pop(call_id, None)
         if p is not None:
-            ok = status == _wire.STATUS_OK or (status == DIRECT and payload[0] == _wire.STATUS_OK)
             p.resolve(status, payload)
-            self._after_result(p, call_id, ok)
 
     def send_call(
         self,

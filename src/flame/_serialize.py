@@ -172,6 +172,24 @@ def _bytearray_from(buf: memoryview) -> bytearray:
     return bytearray(buf)
 
 
+def _memoryview_from(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    """A memoryview of ``buf`` with the sender's format and shape (buffers arrive as bytes)."""
+    view = memoryview(buf)
+    if view.format != fmt or view.shape != shape:
+        try:
+            raw: Any = view.cast("B")  # typeshed wants a literal format
+            view = raw.cast(fmt, shape)
+        except (TypeError, ValueError):
+            pass  # a format cast() cannot express: the raw bytes
+    return view
+
+
+def _reduce_memoryview(v: memoryview) -> tuple[Any, ...]:
+    # a non-contiguous view cannot be a PickleBuffer: send a contiguous copy of its data
+    data: Any = pickle.PickleBuffer(v) if v.c_contiguous else v.tobytes()
+    return (_memoryview_from, (data, v.format, v.shape))
+
+
 class _OOB:
     """Marks a large bytes-like value to be sent out of band."""
 
@@ -186,7 +204,7 @@ class _OOB:
             return (_bytes_from, (pickle.PickleBuffer(v),))
         if isinstance(v, bytearray):
             return (_bytearray_from, (pickle.PickleBuffer(v),))
-        return (memoryview, (pickle.PickleBuffer(v),))
+        return _reduce_memoryview(v)
 
 
 def _mark(value: Any) -> Any:
@@ -214,6 +232,10 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self._main_names = _main_names()
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.CodeType) and obj.co_filename != _DYNAMIC_CODE:
+            # cloudpickle ships code as "<dynamic-code>"; keep the real file name, so that a
+            # remote traceback through a lambda or closure names its file and source line
+            return (_with_filename, (obj.replace(co_filename=_DYNAMIC_CODE), obj.co_filename))
         names = self._main_names
         if names is not None and getattr(obj, "__module__", None) == "__main__":
             if isinstance(obj, types.FunctionType):
@@ -223,7 +245,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             if isinstance(obj, type) and _is_main_toplevel(obj, names):
                 return NotImplemented
         if isinstance(obj, memoryview):
-            return (memoryview, (pickle.PickleBuffer(obj),))
+            return _reduce_memoryview(obj)
         return super().reducer_override(obj)
 
     def _reduce_main_function(self, fn: types.FunctionType, names: frozenset[str]) -> Any:
@@ -245,6 +267,13 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
                 shipped,
             ),
         )
+
+
+_DYNAMIC_CODE = "<dynamic-code>"
+
+
+def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    return code.replace(co_filename=filename)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -333,9 +362,19 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bytes, li
 
 
 def dumps_value(value: Any, what: str) -> tuple[bytes, list[memoryview]]:
-    """Pickle a result (or another value); failures raise :class:`SerializationError`."""
+    """Pickle a result (or another value); failures raise :class:`SerializationError`.
+
+    Plain pickle is tried first (several times faster for ordinary data); anything it
+    cannot handle by reference (lambdas, local classes...) goes through cloudpickle."""
+    marked = mark_value(value)
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        return dumps(mark_value(value))
+        data = pickle.dumps(marked, protocol=PROTOCOL, buffer_callback=buffers.append)
+        return data, [b.raw() for b in buffers]
+    except Exception:
+        pass
+    try:
+        return dumps(marked)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the {what} ({_describe(value)}): {type(exc).__name__}: {exc}"

@@ -115,6 +115,7 @@ NONCE_BYTES = 32
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 8.0
 _READ_CHUNK = 256 * 1024
+_SMALL_FRAME = 16 * 1024
 
 
 class ProtocolError(Exception):
@@ -175,7 +176,7 @@ def json_body(obj: dict[str, Any]) -> bytes:
 def parse_json(body: memoryview | bytes) -> dict[str, Any]:
     try:
         doc = json.loads(bytes(body))
-    except (ValueError, UnicodeError) as exc:
+    except (ValueError, UnicodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise ProtocolError("handshake frame is not JSON") from exc
     if not isinstance(doc, dict):
         raise ProtocolError("handshake frame is not a JSON object")
@@ -356,9 +357,26 @@ class Connection:
     def _write(self, frame: list[bytes | memoryview]) -> None:
         if self.closed:
             raise ConnectionError(self.close_reason or "connection closed")
+        sock = self.sock
+        size = 0
+        for p in frame:
+            size += p.nbytes if isinstance(p, memoryview) else len(p)
+        if size <= _SMALL_FRAME:
+            # small frames (the common case): one buffer, one send(), no gather bookkeeping
+            data = b"".join(frame)
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.loop.call_soon_threadsafe(self.close, f"send failed: {exc.strerror or exc}")
+                raise ConnectionError(f"send failed: {exc.strerror or exc}") from exc
+            if sent == len(data):
+                self.last_send = time.monotonic()
+                return
+            frame = [memoryview(data)[sent:]]
         views = [memoryview(p).cast("B") for p in frame]
         views = [v for v in views if v.nbytes]
-        sock = self.sock
         while views:
             try:
                 if len(views) > 64:

@@ -19,6 +19,7 @@ import ctypes
 import inspect
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     is_child: bool = False
     obj: Any = None  # the placed child's object
+    deadline: float | None = None  # monotonic; enforced by sweep()
+    closing: threading.Event | None = None  # a stopped child's close(): set once it returned
 
 
 class Executor:
@@ -93,7 +96,14 @@ class Executor:
         self._workers_lock = threading.Lock()
         self._user_loop: asyncio.AbstractEventLoop | None = None
         self._user_lock = threading.Lock()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._jobs_lock = threading.Lock()
+        #: jobs not finished yet (calls, placed children, child calls)
+        self.busy = 0
+        self.idle_since = time.monotonic()
+        #: when set, the end of the last job wakes the control loop (``on_change``) at once;
+        #: otherwise the control loop notices idleness on its own periodic tick, so that
+        #: finishing a call costs no cross-thread wake-up on the hot path
+        self.notify_idle = False
         self.closed = False
 
     # -- threads ----------------------------------------------------------------------------
@@ -143,13 +153,40 @@ class Executor:
         on_done: DoneCallback,
     ) -> None:
         job = Job(call_id, link, on_done)
-        self.jobs[call_id] = job
         if timeout is not None:
-            self._timers[call_id] = self.control.call_later(
-                max(timeout, 0.0), self.cancel, call_id, CallTimeout
-            )
+            job.deadline = time.monotonic() + max(timeout, 0.0)
+        self._add(job)
         self._spawn(lambda: self._run(job, load))
-        self.on_change()
+
+    def _add(self, job: Job) -> None:
+        """Register a job (control loop thread)."""
+        with self._jobs_lock:
+            self.jobs[job.id] = job
+            self.busy += 1
+            first = self.busy == 1
+        if first:
+            self.on_change()
+
+    def _remove(self, job: Job) -> None:
+        """Forget a finished job (any thread)."""
+        with self._jobs_lock:
+            if self.jobs.pop(job.id, None) is None:
+                return
+            self.busy -= 1
+            idle = self.busy == 0
+            if idle:
+                self.idle_since = time.monotonic()
+        if idle and self.notify_idle and not self.control.is_closed():
+            self.control.call_soon_threadsafe(self.on_change)
+
+    def sweep(self, now: float) -> None:
+        """Cancel the jobs whose deadline has passed (control loop, on its periodic tick).
+
+        The parent cancels a call at its deadline itself; this is the runner's own backstop
+        (for instance while the parent is unreachable)."""
+        for job in list(self.jobs.values()):
+            if job.deadline is not None and job.deadline <= now and job.cancel_exc is None:
+                self.cancel(job.id, CallTimeout)
 
     def _run(self, job: Job, load: Loader) -> None:
         outcome: Outcome
@@ -212,18 +249,13 @@ class Executor:
             if job.finished:
                 return
             job.finished = True
+            closing = job.closing
+        if closing is not None:  # a stopped child ends (and frees its slot) after close()
+            closing.wait(self.cancel_grace)
         try:
             job.on_done(outcome)
         finally:
-            if not self.control.is_closed():
-                self.control.call_soon_threadsafe(self._forget, job.id)
-
-    def _forget(self, call_id: int) -> None:
-        self.jobs.pop(call_id, None)
-        timer = self._timers.pop(call_id, None)
-        if timer is not None:
-            timer.cancel()
-        self.on_change()
+            self._remove(job)
 
     def cancel(self, call_id: int, exc_type: type[BaseException] = CancelledByParent) -> None:
         """Stop a job (control loop thread). Reports ``on_stuck`` if it does not stop in time."""
@@ -240,7 +272,12 @@ class Executor:
             elif job.thread is not None:
                 _raise_in_thread(job.thread, exc_type)
             if job.is_child:
-                self._close_child(job)
+                if job.obj is not None and not callable(getattr(job.obj, "run", None)):
+                    # no run() to interrupt: closing it ends it
+                    outcome = outcome_of_exception(exc_type())
+                    self._close_child(job, then=lambda: self._finish(job, outcome))
+                else:
+                    self._close_child(job)
         self.control.call_later(self.cancel_grace, self._check_stuck, job)
 
     def _check_stuck(self, job: Job) -> None:
@@ -259,7 +296,7 @@ class Executor:
     ) -> None:
         """Build ``factory(*args)``; report through ``on_built``; then run its ``run()``."""
         job = Job(child_id, link, on_exit, is_child=True)
-        self.jobs[child_id] = job
+        self._add(job)
 
         def build() -> None:
             try:
@@ -269,7 +306,7 @@ class Executor:
                 outcome = outcome_of_exception(exc)
                 on_built(outcome)
                 job.finished = True
-                self.control.call_soon_threadsafe(self._forget, child_id)
+                self._remove(job)
                 return
             job.obj = obj
             on_built((_wire.STATUS_OK, None))
@@ -280,7 +317,6 @@ class Executor:
             self._finish(job, outcome)
 
         self._spawn(build)
-        self.on_change()
 
     def child_call(
         self,
@@ -301,11 +337,9 @@ class Executor:
             return getattr(child.obj, name), args
 
         job = Job(call_id, child.link, on_done)
-        self.jobs[call_id] = job
         if timeout is not None:
-            self._timers[call_id] = self.control.call_later(
-                max(timeout, 0.0), self.cancel, call_id, CallTimeout
-            )
+            job.deadline = time.monotonic() + max(timeout, 0.0)
+        self._add(job)
         self._spawn(lambda: self._run(job, bound))
 
     def stop_child(self, child_id: int) -> None:
@@ -313,31 +347,36 @@ class Executor:
         if job is None or not job.is_child:
             return
         if job.obj is not None and not callable(getattr(job.obj, "run", None)):
-            # no run(): closing it ends it
-            self._close_child(job)
-            self._finish(job, (_wire.STATUS_OK, None))
+            # no run(): closing it ends it (once close() has returned)
+            self._close_child(job, then=lambda: self._finish(job, (_wire.STATUS_OK, None)))
             return
         self.cancel(child_id, CancelledByParent)
 
-    def _close_child(self, job: Job) -> None:
+    def _close_child(self, job: Job, then: Callable[[], None] | None = None) -> None:
+        """Call the child's ``close()`` (if any) in a worker, then ``then()`` there. Once."""
+        if job.closing is not None:
+            return
+        closing = job.closing = threading.Event()
         close = getattr(job.obj, "close", None)
-        if callable(close):
 
-            def do_close() -> None:
-                try:
+        def do_close() -> None:
+            try:
+                if callable(close):
                     result = close()
                     if inspect.isawaitable(result):
-                        asyncio.run_coroutine_threadsafe(_awaitable(result), self.user_loop())
-                except Exception:
-                    pass
+                        asyncio.run_coroutine_threadsafe(
+                            _awaitable(result), self.user_loop()
+                        ).result(self.cancel_grace)
+            except Exception:
+                pass
+            finally:
+                closing.set()
+                if then is not None:
+                    then()
 
-            self._spawn(do_close)
+        self._spawn(do_close)
 
     # -- whole-runner transitions ---------------------------------------------------------------
-    @property
-    def busy(self) -> int:
-        return sum(1 for j in self.jobs.values() if not j.finished)
-
     def cancel_linked(self) -> None:
         for job in list(self.jobs.values()):
             if job.link:

@@ -1,4 +1,8 @@
-"""Exit codes of a runner process, one per reason, so a parent (or an operator) can tell why."""
+"""Exit codes of a runner process, one per reason, so a parent (or an operator) can tell why.
+
+The codes flame chooses itself sit in the 200s, away from the small codes applications use
+(``os._exit(3)`` in user code must not read as "idle shutdown" in an error message).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,16 @@ import enum
 
 class ExitCode(enum.IntEnum):
     STOPPED = 0  # the parent asked it to stop (pool stop, retire)
-    INTERNAL = 1  # a bug in flame itself
-    BAD_ENV = 2  # FLAME_PARENT missing or malformed
-    IDLE = 3  # idle shutdown, granted by the parent
-    SINGLE_USE = 4  # a single-use runner finished its call
-    PARENT_LOST = 5  # the connection to the parent was lost
-    FAILSAFE = 6  # never connected and authenticated within the failsafe time
-    AUTH_FAILED = 7  # the peer could not prove the secret
-    REFUSED = 8  # the parent refused it (version mismatch)
-    APP_FAILED = 9  # importing the application raised
-    STUCK = 10  # a cancelled call did not stop within the grace period
+    INTERNAL = 201  # a bug in flame itself
+    BAD_ENV = 202  # FLAME_PARENT missing or malformed
+    IDLE = 203  # idle shutdown, granted by the parent
+    SINGLE_USE = 204  # a single-use runner finished its call
+    PARENT_LOST = 205  # the connection to the parent was lost
+    FAILSAFE = 206  # never connected and authenticated within the failsafe time
+    AUTH_FAILED = 207  # the peer could not prove the secret
+    REFUSED = 208  # the parent refused it (version mismatch)
+    APP_FAILED = 209  # importing the application raised
+    STUCK = 210  # a cancelled call did not stop within the grace period
 
     def describe(self) -> str:
         return _TEXT[self]

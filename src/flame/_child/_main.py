@@ -37,12 +37,14 @@ def _exit(code: int) -> None:
 def _arm_failsafe(seconds: float, connected: threading.Event, runner_id: str) -> None:
     def watch() -> None:
         if not connected.wait(seconds):
-            print(
-                f"flame runner {runner_id}: did not reach its parent within the failsafe "
-                f"time ({seconds:g}s); exiting",
-                file=sys.stderr,
-            )
-            _exit(ExitCode.FAILSAFE)
+            try:  # stderr may be a broken pipe by now (a dead parent): exit all the same
+                print(
+                    f"flame runner {runner_id}: did not reach its parent within the failsafe "
+                    f"time ({seconds:g}s); exiting",
+                    file=sys.stderr,
+                )
+            finally:
+                _exit(ExitCode.FAILSAFE)
 
     threading.Thread(target=watch, name="flame-failsafe", daemon=True).start()
 
@@ -55,11 +57,16 @@ def import_app(app: dict[str, str] | None) -> None:
         importlib.import_module(app["module"])
         return
     if "main_module" in app:
-        spec = importlib.util.find_spec(app["main_module"])
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot find the app module {app['main_module']!r}")
+        name = app["main_module"]
+        found = importlib.util.find_spec(name)
+        if found is None or not found.origin or not found.has_location:
+            raise ImportError(f"cannot find the app module {name!r}")
+        loader = importlib.machinery.SourceFileLoader("__mp_main__", found.origin)
+        spec = importlib.util.spec_from_loader("__mp_main__", loader, origin=found.origin)
+        assert spec is not None
         module = importlib.util.module_from_spec(spec)
-        module.__name__ = "__mp_main__"
+        module.__file__ = found.origin
+        module.__package__ = name.rpartition(".")[0]  # relative imports keep working
     else:
         path = app.get("main_path") or app["path"]
         loader = importlib.machinery.SourceFileLoader("__mp_main__", path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import math
 import socket
 import sys
 import time
@@ -31,6 +32,7 @@ from ._executor import Executor, Outcome
 from ._exits import ExitCode
 
 _CONNECT_ATTEMPT_TIMEOUT = 3.0
+_TICK = 0.1  # seconds between the terminator's periodic checks
 
 
 class _Exit(Exception):
@@ -113,8 +115,10 @@ class RunnerSession:
             cancel_grace=float(config.get("cancel_grace", 3.0)),
         )
         self.conn: _wire.Connection | None = None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
         self._idle_asking = False
+        self._checking = False
+        self._next_ask = 0.0  # after a KEEP: not before this time
         self._draining = False
         self._served = 0
 
@@ -168,10 +172,13 @@ class RunnerSession:
         elif kind == _wire.KEEP:
             (retry,) = _wire.FLOAT.unpack_from(body, 0)
             self._idle_asking = False
-            if retry >= 0:
-                self._arm_idle(retry)
+            self._next_ask = time.monotonic() + retry if retry >= 0 else math.inf
         elif kind == _wire.SHUTDOWN:
             code = ExitCode.IDLE if self._idle_asking else ExitCode.STOPPED
+            if self.single_use and self._served:
+                # the parent retires a single-use runner after its call, and that SHUTDOWN may
+                # overtake the runner's own end of the call: same reason, same exit code
+                code = ExitCode.SINGLE_USE
             self.loop.create_task(self._drain(code, cancel_linked=False))
         else:
             raise _wire.ProtocolError(f"unexpected message kind {kind} from the parent")
@@ -179,8 +186,8 @@ class RunnerSession:
     def on_close(self, reason: str) -> None:
         if self.done.done() or self._draining:
             return
-        print(f"flame runner {self.info.runner_id}: parent lost ({reason})", file=sys.stderr)
         self.loop.create_task(self._drain(ExitCode.PARENT_LOST, cancel_linked=True))
+        _say(f"flame runner {self.info.runner_id}: parent lost ({reason})")
 
     # -- replies (worker threads) ---------------------------------------------------------------
     def _reply(self, kind: int, call_id: int, what: str, outcome: Outcome) -> None:
@@ -195,9 +202,9 @@ class RunnerSession:
 
     # -- terminator (control loop) ----------------------------------------------------------------
     def _on_change(self) -> None:
-        busy = self.executor.busy
-        if busy:
-            self._cancel_idle()
+        """The executor went from idle to busy, or (when asked to tell) from busy to idle."""
+        if self.executor.busy:
+            self._next_ask = 0.0  # busy again: a KEEP's "ask later" no longer holds
             return
         if self._draining:
             if not self.done.done():
@@ -205,24 +212,31 @@ class RunnerSession:
             return
         if self.single_use and self._served:
             self._goodbye(ExitCode.SINGLE_USE)
-            self.done.set_result(ExitCode.SINGLE_USE)
+            if not self.done.done():
+                self.done.set_result(ExitCode.SINGLE_USE)
+
+    def start_ticking(self) -> None:
+        self.executor.notify_idle = self.single_use
+        self._tick_handle = self.loop.call_later(_TICK, self._tick)
+
+    def _tick(self) -> None:
+        """Periodic duties: call deadlines (the runner's backstop) and idle shutdown."""
+        if self.done.done():
             return
-        if self.idle_after is not None and self._idle_handle is None and not self._idle_asking:
-            self._arm_idle(self.idle_after)
-
-    def _arm_idle(self, after: float) -> None:
-        self._cancel_idle()
-        self._idle_handle = self.loop.call_later(after, self._idle_fired)
-
-    def _cancel_idle(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        now = time.monotonic()
+        self.executor.sweep(now)
+        if (
+            self.idle_after is not None
+            and not self.executor.busy
+            and not self._draining
+            and not self._idle_asking
+            and not self._checking
+            and now >= max(self.executor.idle_since + self.idle_after, self._next_ask)
+        ):
+            self._idle_fired()
+        self._tick_handle = self.loop.call_later(_TICK, self._tick)
 
     def _idle_fired(self) -> None:
-        self._idle_handle = None
-        if self.executor.busy or self._draining or self.done.done():
-            return
         check = self.idle_check
         if check is None:
             self._ask_idle()
@@ -232,19 +246,21 @@ class RunnerSession:
             try:
                 ok = bool(check())
             except Exception as exc:
-                print(f"flame runner: idle check raised {exc!r}", file=sys.stderr)
+                _say(f"flame runner: idle check raised {exc!r}")
                 ok = False
             self.loop.call_soon_threadsafe(self._check_done, ok)
 
+        self._checking = True
         self.executor._spawn(run_check)
 
     def _check_done(self, ok: bool) -> None:
+        self._checking = False
         if self.executor.busy or self._draining:
             return
         if ok:
             self._ask_idle()
         elif self.idle_after is not None:
-            self._arm_idle(self.idle_after)
+            self._next_ask = time.monotonic() + self.idle_after
 
     def _ask_idle(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -252,14 +268,13 @@ class RunnerSession:
             self.conn.send_soon(_wire.IDLE)
 
     def _on_stuck(self, call_id: int) -> None:
-        print(
-            f"flame runner {self.info.runner_id}: call {call_id} did not stop after being "
-            "cancelled; exiting",
-            file=sys.stderr,
-        )
         self._goodbye(ExitCode.STUCK)
         if not self.done.done():
             self.done.set_result(ExitCode.STUCK)
+        _say(
+            f"flame runner {self.info.runner_id}: call {call_id} did not stop after being "
+            "cancelled; exiting"
+        )
 
     def _goodbye(self, code: ExitCode) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -272,7 +287,7 @@ class RunnerSession:
             return
         self._draining = True
         self._drain_code = code
-        self._cancel_idle()
+        self.executor.notify_idle = True
         if cancel_linked:
             self.executor.cancel_linked()
         if not self.executor.busy:
@@ -289,6 +304,15 @@ class RunnerSession:
                 pass
             if not self.done.done():
                 self.done.set_result(code)
+
+
+def _say(text: str) -> None:
+    """A line on stderr. Once the parent is gone (ProcessBackend: stderr is a pipe it read),
+    writing there fails with EPIPE, which must never stop the runner from winding down."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _loader(payload: memoryview) -> Any:
@@ -312,8 +336,11 @@ async def handshake(
         challenge = await asyncio.wait_for(q.get(_wire.CHALLENGE), _wire.HANDSHAKE_TIMEOUT)
         nonce_p = bytes.fromhex(str(challenge["nonce"]))
         expected = _wire.proof(info.secret, b"P", nonce_r, nonce_p)
-        if not hmac.compare_digest(expected, str(challenge.get("proof", ""))):
+        if not hmac.compare_digest(expected.encode(), str(challenge.get("proof", "")).encode()):
             raise _Exit(ExitCode.AUTH_FAILED, "the parent could not prove the runner secret")
+        # the parent has proven the secret: what it sends next (WELCOME, CONFIG and, read in
+        # the same chunk, maybe a large first CALL) must not hit the pre-authentication limit
+        conn.max_frame = max(conn.max_frame, _wire.DEFAULT_MAX_FRAME)
         mine = _wire.proof(info.secret, b"R", nonce_p, nonce_r)
         conn.send_soon(
             _wire.PROOF, [_wire.json_body({"proof": mine, "versions": _wire.local_versions()})]
@@ -334,7 +361,7 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         sock = await _dial(info, deadline)
         conn, q, config = await handshake(sock, info)
     except _Exit as exc:
-        print(f"flame runner {info.runner_id}: {exc}", file=sys.stderr)
+        _say(f"flame runner {info.runner_id}: {exc}")
         return int(exc.code)
     on_connected()
     session = RunnerSession(info, config)
@@ -348,7 +375,7 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         float(config.get("heartbeat_interval", _wire.DEFAULT_HEARTBEAT_INTERVAL)),
         float(config.get("heartbeat_timeout", _wire.DEFAULT_HEARTBEAT_TIMEOUT)),
     )
-    session._on_change()
+    session.start_ticking()
     code = await session.done
     if not conn.closed:
         # let queued frames (results, GOODBYE) leave before hanging up
