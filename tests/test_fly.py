@@ -321,7 +321,7 @@ def test_machine_gets_only_the_given_env_and_never_the_token(
 def test_wait_resolves_with_the_exit_code_and_after_a_crash(emulator: FlyMachinesEmulator) -> None:
     async def scenario() -> tuple[str, str, str]:
         async with opened(make_backend(emulator)) as backend:
-            failing = await backend.boot(launch(argv=("python", "-c", "raise SystemExit(9)")))
+            failing = await backend.boot(launch(argv=("python", "-c", "raise SystemExit(209)")))
             first = await failing.wait()
             crashing = await backend.boot(launch())
             waiter = asyncio.ensure_future(crashing.wait())
@@ -337,7 +337,7 @@ def test_wait_resolves_with_the_exit_code_and_after_a_crash(emulator: FlyMachine
             return first, second, third
 
     first, second, third = run(scenario())
-    assert first == "exited with code 9 (importing the application raised); Fly machine destroyed"
+    assert first == "exited with code 209 (importing the application raised); Fly machine destroyed"
     assert second == "killed by SIGKILL; Fly machine destroyed"
     assert third == "Fly machine destroyed"
 

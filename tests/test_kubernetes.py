@@ -437,10 +437,10 @@ UNSCHEDULABLE = {
             _pod(
                 "Failed",
                 containerStatuses=[
-                    {"name": "app", "state": {"terminated": {"exitCode": 9, "reason": "Error"}}}
+                    {"name": "app", "state": {"terminated": {"exitCode": 209, "reason": "Error"}}}
                 ],
             ),
-            "exited with code 9 (importing the application raised)",
+            "exited with code 209 (importing the application raised)",
         ),
         (
             _pod("Failed", reason="Evicted", message="The node was low on memory."),
