@@ -1,0 +1,1 @@
+"""flame's benchmarks: ``python -m bench`` (``--smoke`` for CI's quick form)."""
