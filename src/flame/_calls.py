@@ -17,11 +17,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _serialize, _wire
-from ._errors import CallTimeout, ChildEnded, RemoteTraceback, RunnerLost, SerializationError
+from ._errors import CallTimeout, ChildEnded, RunnerLost, SerializationError
 from ._runner import DIRECT, LOST, BaseRunner, Pending, decode
 
 if TYPE_CHECKING:
@@ -454,6 +454,3 @@ async def amap(
     finally:
         for t in tasks:
             t.cancel()
-
-
-_ = (Callable, RemoteTraceback)

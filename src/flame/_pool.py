@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _loop, _scaling, _wire
-from ._errors import BootError, CallTimeout, FlameError, PoolClosed, PoolNotFound
+from . import _loop, _scaling
+from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
 from ._runner import BaseRunner, make_runner
 from ._sentinel import DEFAULT as _DEFAULT
@@ -651,10 +651,6 @@ class Pool:
         with self._lock:
             self._apply(self._core.idle_request(runner.rid, time.monotonic()))
 
-    def _lost_stuck(self, runner: BaseRunner) -> None:
-        with self._lock:
-            self._apply(self._core.retire(runner.rid, time.monotonic()))
-
     def _schedule_wake(self, at: float) -> None:
         if at >= self._wake_at and self._wake is not None:
             return
@@ -740,4 +736,3 @@ def lookup(pool: Pool | str) -> Pool:
 
 
 __all__ = ["Pool", "PoolStats", "lookup"]
-_ = (FlameError, _wire)

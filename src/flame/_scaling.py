@@ -203,18 +203,15 @@ class Scaler:
         return actions + self._settle(now)
 
     def runner_gone(self, runner: int, now: float) -> list[Action]:
-        """A ready or retiring runner is gone (exited, died, or was stopped)."""
-        r = self.runners.pop(runner, None)
+        """A runner is gone (exited, died, or was stopped); one still booting counts as a
+        failed boot."""
+        r = self.runners.get(runner)
+        if r is not None and r.state is RState.BOOTING:
+            return self.boot_failed(runner, RuntimeError("runner went away while booting"), now)
         actions: list[Action] = []
-        if r is not None:
-            if r.state is RState.BOOTING:
-                return self.boot_failed_removed(r, now)
+        if self.runners.pop(runner, None) is not None:
             actions.append(Hook("on_shrink", self.count()))
         return actions + self._settle(now)
-
-    def boot_failed_removed(self, r: RunnerView, now: float) -> list[Action]:
-        self.runners[r.id] = r
-        return self.boot_failed(r.id, RuntimeError("runner went away while booting"), now)
 
     def idle_request(self, runner: int, now: float) -> list[Action]:
         """The runner has been idle (and its idle check passed): may it shut down?"""
