@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._pool import Pool
 
 logger = logging.getLogger("flame")
-_BIG_SEND = 1 << 20
+_BIG_SEND = 256 * 1024  # larger frames are written from a worker thread, not an event loop
 
 
 from ._sentinel import DEFAULT  # noqa: E402 - "use the pool's default" for timeout
@@ -406,22 +406,20 @@ def _window(pool: Pool) -> int:
 
 
 def map_(pool: Pool, fn: Any, iterable: Iterable[Any], timeout: float | None) -> Iterator[Any]:
+    """``pool.map``: the items' calls run as tasks on the background loop (no thread per
+    item in flight), at most ``_window(pool)`` of them at once; results come back in order."""
     pool._ensure_started()
     deadline = None if timeout is None else time.monotonic() + timeout
 
-    def one(item: Any) -> Any:
+    def submit(item: Any) -> concurrent.futures.Future[Any]:
         t: Any = DEFAULT if deadline is None else max(0.0, deadline - time.monotonic())
-        return call(pool, fn, (item,), t, True)
+        return asyncio.run_coroutine_threadsafe(acall(pool, fn, (item,), t, True), pool._loop)
 
     window = _window(pool)
-    executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=min(window, 64), thread_name_prefix="flame-map"
-    )
     futures: deque[concurrent.futures.Future[Any]] = deque()
-    it = iter(iterable)
     try:
-        for item in it:
-            futures.append(executor.submit(one, item))
+        for item in iterable:
+            futures.append(submit(item))
             if len(futures) >= window:
                 yield futures.popleft().result()
         while futures:
@@ -429,7 +427,6 @@ def map_(pool: Pool, fn: Any, iterable: Iterable[Any], timeout: float | None) ->
     finally:
         for f in futures:
             f.cancel()
-        executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def amap(
