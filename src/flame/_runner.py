@@ -134,10 +134,12 @@ class Pending:
 
     async def wait_async(self, timeout: float | None) -> bool:
         assert self._fut is not None
-        try:
-            await asyncio.wait_for(asyncio.shield(self._fut), timeout)
-        except TimeoutError:
-            return self.done
+        if not self._fut.done():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._fut
+            except TimeoutError:
+                return self.done
         return True
 
 
