@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench-smoke ci clean
+.PHONY: demo test lint bench-smoke soak-smoke ci clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ lint: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m bench --smoke
 
-ci: lint test bench-smoke
+# chaos: SIGKILL/SIGSTOP runners under load; fails on wrong results, hangs or leaks
+soak-smoke: $(STAMP)
+	$(PY) -m bench.soak --seconds 60
+
+ci: lint test bench-smoke soak-smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
