@@ -324,3 +324,25 @@ def test_an_argument_that_cannot_be_unpickled_on_the_runner(pool: flame.Pool) ->
     assert "cannot be rebuilt on a runner" in str(info.value)
     # and the runner is unharmed
     assert pool.call(work.digest, b"ok") == hashlib.sha256(b"ok").hexdigest()
+
+
+def test_importable_names_follow_module_scope_only(tmp_path: Path) -> None:
+    """What a runner's import of the main script binds: not comprehension variables, function
+    locals or names bound under the main guard (those travel with a closure by value)."""
+    from flame._serialize import _importable_names
+
+    script = tmp_path / "app_scope.py"
+    script.write_text(
+        "import os, sys as system\n"
+        "A = 1\n"
+        "B, (C, D) = 2, (3, 4)\n"
+        "data = [x for x in range(3)]\n"
+        "def g():\n    inner = 1\n"
+        "class K:\n    attr = 2\n"
+        "for i in range(2):\n    pass\n"
+        "if __name__ == '__main__':\n    MAIN_ONLY = 1\nelse:\n    NOT_MAIN = 2\n"
+    )
+    names = _importable_names(str(script))
+    assert names is not None
+    assert {"os", "system", "A", "B", "C", "D", "data", "g", "K", "i", "NOT_MAIN"} <= names
+    assert not {"x", "inner", "attr", "MAIN_ONLY"} & names

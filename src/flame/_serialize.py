@@ -61,34 +61,41 @@ def _importable_names(path: str) -> frozenset[str] | None:
             isinstance(p, ast.Constant) and p.value == "__main__" for p in parts
         )
 
-    def visit(body: Sequence[ast.stmt]) -> None:
-        for node in body:
-            if is_main_guard(node):
-                assert isinstance(node, ast.If)
-                visit(node.orelse)
-                continue
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                names.add(node.name)
-            elif isinstance(node, ast.Import | ast.ImportFrom):
-                for alias in node.names:
-                    names.add((alias.asname or alias.name).split(".")[0])
-            elif isinstance(node, ast.If | ast.Try | ast.With | ast.For | ast.While):
-                for target in ast.walk(node):
-                    if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store):
-                        names.add(target.id)
-                    elif isinstance(target, ast.FunctionDef | ast.ClassDef):
-                        names.add(target.name)
-                    elif isinstance(target, ast.Import | ast.ImportFrom):
-                        for alias in target.names:
-                            names.add((alias.asname or alias.name).split(".")[0])
-            else:
-                for target in ast.walk(node):
-                    if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store):
-                        names.add(target.id)
-                    if isinstance(node, ast.Lambda | ast.FunctionDef):
-                        break
+    scopes = (
+        ast.FunctionDef,
+        ast.AsyncFunctionDef,
+        ast.ClassDef,
+        ast.Lambda,
+        ast.ListComp,
+        ast.SetComp,
+        ast.DictComp,
+        ast.GeneratorExp,
+    )
 
-    visit(tree.body)
+    def bind(node: ast.AST) -> None:
+        """Names ``node`` binds in the module scope (not inside functions or comprehensions)."""
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            return
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                names.add((alias.asname or alias.name).split(".")[0])
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        if isinstance(node, ast.stmt) and is_main_guard(node):
+            assert isinstance(node, ast.If)
+            for statement in node.orelse:
+                bind(statement)
+            return
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, scopes):
+                bind(child)
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(child.name)
+
+    for statement in tree.body:
+        bind(statement)
     return frozenset(names)
 
 
