@@ -483,14 +483,14 @@ class Pool:
         if w.runner is not None:
             self._release(w.runner)
 
-    def _outcome(self, w: _Waiter, deadline: float | None) -> BaseRunner:
+    def _outcome(self, w: _Waiter) -> BaseRunner:
         if w.runner is not None:
             return w.runner
         if w.error is not None:
             raise w.error
-        raise self._timeout_error(deadline)
+        raise self._timeout_error()
 
-    def _timeout_error(self, deadline: float | None) -> CallTimeout:
+    def _timeout_error(self) -> CallTimeout:
         s = self.stats()
         return self._timeout_from(s.runners, s.booting)
 
@@ -513,8 +513,8 @@ class Pool:
             if not got:
                 self._give_up(wid, w)
                 if not w.done:
-                    raise self._timeout_error(deadline)
-        return self._outcome(w, deadline)
+                    raise self._timeout_error()
+        return self._outcome(w)
 
     async def acheckout(self, deadline: float | None) -> BaseRunner:
         """Await a runner slot (asyncio callers)."""
@@ -527,11 +527,11 @@ class Pool:
             except TimeoutError:
                 self._give_up(wid, w)
                 if not w.done:
-                    raise self._timeout_error(deadline) from None
+                    raise self._timeout_error() from None
             except BaseException:
                 self._give_up(wid, w)
                 raise
-        return self._outcome(w, deadline)
+        return self._outcome(w)
 
     # -- carrying out the core's decisions (under self._lock) -------------------------------
     def _apply(self, actions: list[_scaling.Action]) -> None:

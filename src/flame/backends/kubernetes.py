@@ -451,18 +451,9 @@ class PodHandle(RunnerHandle):
                 )
             else:
                 await client.delete(Secret, name, namespace=self.namespace)
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return True
-            logger.warning(
-                "could not delete runner %s %s/%s: %s",
-                kind,
-                self.namespace,
-                name,
-                _translate(exc, f"delete {kind} {name}"),
-            )
-            return False
         except _api_error_types() as exc:
+            if isinstance(exc, ApiError) and exc.status.code == 404:
+                return True
             logger.warning(
                 "could not delete runner %s %s/%s: %s",
                 kind,
