@@ -9,6 +9,7 @@ state machine and the seeded soak drive it with random event sequences.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from typing import Any
@@ -786,6 +787,31 @@ def test_random_sequences(seed: int) -> None:
             for line in sim.history[-15:]:
                 print(line)
             raise
+
+
+def check_take_agrees(core: Scaler, now: float) -> None:
+    """``take`` (the callers' hot path) hands out exactly the slot ``request`` would, with the
+    same resulting state, and changes nothing when it declines."""
+    fast, slow = copy.deepcopy(core), copy.deepcopy(core)
+    before = copy.deepcopy(core)
+    rid = fast.take(now)
+    if rid is None:
+        assert fast == before, "take declined but changed the state"
+        return
+    acts = slow.request(10**6, None, now)
+    assert acts == [Assign(10**6, rid)], (rid, acts)
+    slow._settled_at = fast._settled_at  # bookkeeping of when _settle ran, not state
+    assert fast == slow
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_take_agrees_with_request(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    for _ in range(5):
+        sim = Sim(**random_config(rng))
+        for _ in range(150):
+            random_step(sim, rng)
+            check_take_agrees(sim.s, sim.now)
 
 
 # == the same, as a hypothesis state machine (shrinks failures to a minimal sequence) ==========

@@ -500,8 +500,24 @@ class Pool:
             f"{booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
         )
 
+    def _take(self) -> BaseRunner | None:
+        """A free slot at once, when nothing queues before us (the hot path), else None."""
+        with self._lock:
+            if self._state != "started":
+                raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+            rid = self._core.take(time.monotonic())
+            if rid is None:
+                return None
+            runner = self._runners.get(rid)
+            if runner is None:  # cannot happen: the core and this shell change together
+                self._apply(self._core.release(rid, time.monotonic()))
+            return runner
+
     def checkout(self, deadline: float | None) -> BaseRunner:
         """Block until a runner slot is ours (sync callers)."""
+        runner = self._take()
+        if runner is not None:
+            return runner
         wid, w = self._enqueue(deadline, None)
         if not w.done:
             timeout = None if deadline is None else deadline - time.monotonic() + 0.05
@@ -518,6 +534,9 @@ class Pool:
 
     async def acheckout(self, deadline: float | None) -> BaseRunner:
         """Await a runner slot (asyncio callers)."""
+        runner = self._take()
+        if runner is not None:
+            return runner
         wid, w = self._enqueue(deadline, asyncio.get_running_loop())
         if not w.done:
             assert w._fut is not None

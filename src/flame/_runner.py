@@ -490,8 +490,44 @@ class RemoteRunner(BaseRunner):
             self._on_frame(kind, body)
         hb_interval, hb_timeout = pool._heartbeat()
         conn.start_heartbeats(hb_interval, hb_timeout)
+        conn.read_in_threads()
+        threading.Thread(
+            target=self._read_loop, args=(conn,), name=f"flame-reader-{self.rid}", daemon=True
+        ).start()
 
-    # -- frames from the runner (loop thread) ------------------------------------------------
+    # -- frames from the runner ------------------------------------------------------------------
+    def _read_loop(self, conn: _wire.Connection) -> None:
+        """The connection's reader thread: results go straight to their callers; the rest
+        is handled on the pool's loop."""
+        loop = self.pool._loop
+        try:
+            while True:
+                frames = conn.read_frames()
+                if frames is None:
+                    return
+                rest = []
+                for kind, body in frames:
+                    if kind == _wire.RESULT:
+                        call_id, status = _wire.RESULT_HEAD.unpack_from(body, 0)
+                        self._result(call_id, status, body[_wire.RESULT_HEAD.size :])
+                    elif kind != _wire.PING:
+                        rest.append((kind, body))
+                if rest:
+                    loop.call_soon_threadsafe(self._on_frames, conn, rest)
+        except RuntimeError:  # the loop is closed: the process is ending
+            return
+        finally:
+            conn.reader_done()
+
+    def _on_frames(self, conn: _wire.Connection, frames: list[tuple[int, memoryview]]) -> None:
+        for kind, body in frames:
+            if conn.closed:
+                return
+            try:
+                self._on_frame(kind, body)
+            except _wire.ProtocolError as exc:
+                conn.close(f"protocol error: {exc}")
+
     def _on_frame(self, kind: int, body: memoryview) -> None:
         if kind == _wire.RESULT:
             call_id, status = _wire.RESULT_HEAD.unpack_from(body, 0)
@@ -793,7 +829,7 @@ class LocalRunner(BaseRunner):
                 ok = False
             self.loop.call_soon_threadsafe(self._check_done, ok)
 
-        ex._spawn(run_check)
+        ex.spawn(run_check)
 
     def _check_done(self, ok: bool) -> None:
         if self.executor is None or self.executor.busy or self._stopping:

@@ -131,6 +131,7 @@ class Scaler:
     #: a min runner idled down (min_idle_shutdown_after): min is not restored until work comes
     min_released: bool = False
     _next_runner: int = 0
+    _settled_at: float = -math.inf  # when _settle last ran (see _quiet)
 
     # -- queries ----------------------------------------------------------------------------
     def count(self, *states: RState) -> int:
@@ -140,6 +141,15 @@ class Scaler:
 
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.runners.values())
+
+    def _least_busy(self) -> RunnerView | None:
+        """The ready runner with a free slot and the fewest calls (the first such), if any."""
+        best: RunnerView | None = None
+        for r in self.runners.values():
+            if r.state is RState.READY and r.in_flight < self.max_concurrency:
+                if best is None or r.in_flight < best.in_flight:
+                    best = r
+        return best
 
     # -- events -------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
@@ -152,6 +162,18 @@ class Scaler:
         self.min_released = False
         self.waiters[waiter] = WaiterView(waiter, deadline)
         return self._settle(now)
+
+    def take(self, now: float) -> int | None:
+        """The hot path of ``request``: a caller wants a slot, no one is queued before it and
+        no boot can follow. Returns the runner whose slot it gets, or ``None`` (then the
+        caller goes through :meth:`request`). Same outcome as ``request`` + ``_settle``."""
+        if not self._quiet(now) or self.min_released:
+            return None
+        best = self._least_busy()
+        if best is None:
+            return None
+        best.in_flight += 1
+        return best.id
 
     def withdraw(self, waiter: int, now: float) -> list[Action]:
         """A waiting caller gave up (cancelled, or its own deadline timer fired)."""
@@ -170,7 +192,21 @@ class Scaler:
         if self.single_use and r.state is RState.READY:
             r.state = RState.RETIRING
             actions.append(Retire(runner))
+        elif self._quiet(now):
+            return actions  # the hot path: what _settle would do is already done
         return actions + self._settle(now)
+
+    def _quiet(self, now: float) -> bool:
+        """Whether taking or freeing one slot leaves ``_settle`` nothing to do: no waiter to
+        serve, no boot_ahead reserve (the only boot rule that counts busy slots), not
+        stopping, and no debounce in force (else it would repeat its Wake). The boots wanted
+        are then the same as after the last settling, which issued them."""
+        return not (
+            self.waiters
+            or self.boot_ahead
+            or self.stopping
+            or self._settled_at < self.boot_blocked_until  # boots were held back since
+        )
 
     def runner_up(self, runner: int, now: float) -> list[Action]:
         r = self.runners.get(runner)
@@ -259,6 +295,7 @@ class Scaler:
 
     # -- the common part of every event ---------------------------------------------------------
     def _settle(self, now: float) -> list[Action]:
+        self._settled_at = now
         actions: list[Action] = []
         # 1. callers whose deadline passed are skipped (failed with a timeout)
         for wid, w in list(self.waiters.items()):
@@ -267,11 +304,7 @@ class Scaler:
                 actions.append(Fail(wid, FailKind.TIMEOUT))
         # 2. hand out free slots, first in first out, least busy runner first
         while self.waiters:
-            best: RunnerView | None = None
-            for r in self.runners.values():
-                if r.state is RState.READY and r.in_flight < self.max_concurrency:
-                    if best is None or r.in_flight < best.in_flight:
-                        best = r
+            best = self._least_busy()
             if best is None:
                 break
             wid, _ = self.waiters.popitem(last=False)

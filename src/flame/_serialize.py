@@ -348,10 +348,46 @@ def _culprit(fn: Any) -> str:
     return ""
 
 
+class _NeedsCloudpickle(Exception):
+    """The fast pickler met an object that only the full pickler handles right."""
+
+
+class _FastPickler(pickle.Pickler):
+    """Plain pickle (C) for the common call: functions and classes that import by name, and
+    ordinary data. Whatever plain pickle would get wrong (main-script objects the runner's
+    import does not define) raises; whatever it cannot do (lambdas, closures, local
+    classes, memoryviews) fails. Either way the call goes through :class:`_Pickler`."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.FunctionType | type) and getattr(obj, "__module__", None) == (
+            "__main__"
+        ):
+            names = _main_names()
+            if names is None or not _is_main_toplevel(obj, names):
+                raise _NeedsCloudpickle
+        return NotImplemented
+
+
+def _fast_dumps(obj: Any) -> tuple[bytes, list[memoryview]] | None:
+    if getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", True):
+        return None  # modules registered to travel by value: only cloudpickle knows them
+    f = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        _FastPickler(f, protocol=PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    except Exception:
+        return None
+    return f.getvalue(), [b.raw() for b in buffers]
+
+
 def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bytes, list[memoryview]]:
     """Pickle a call; on failure raise :class:`SerializationError` naming what failed."""
+    marked = mark_args(args)
+    fast = _fast_dumps((fn, marked))
+    if fast is not None:
+        return fast
     try:
-        return dumps((fn, mark_args(args)))
+        return dumps((fn, marked))
     except Exception as exc:
         if _try(fn) is not None:
             detail = _culprit(fn)

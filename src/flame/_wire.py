@@ -63,6 +63,7 @@ network that silently drops packets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -230,6 +231,11 @@ class Connection:
         self._big_kind = 0
         self._big_fill = 0
         self._hb_handle: asyncio.TimerHandle | None = None
+        #: after :meth:`read_in_threads`: frames are read by threads, not the loop
+        self._threaded = False
+        self._poll: Any = None
+        self._fd_lock = threading.Lock()  # the fd is closed by the last reader, under this
+        self._fd_open = True
         loop.add_reader(self._fd, self._on_readable)
 
     # -- reading (loop thread) ----------------------------------------------------------------
@@ -252,21 +258,26 @@ class Connection:
         self._have += n
         self._parse_scratch()
 
-    def _parse_scratch(self) -> None:
+    def _parse_scratch(self, out: list[tuple[int, memoryview]] | None = None) -> bool:
+        """Deliver (or, given ``out``, collect) the whole frames in the scratch buffer.
+        Returns False if the stream broke the protocol."""
         buf = self._scratch
         pos = 0
         hsize = HEADER.size
         while not self.closed and self._have - pos >= hsize:
             length, kind = HEADER.unpack_from(buf, pos)
             if length > self.max_frame:
-                self.close(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-                return
+                self._fail(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+                return False
             start = pos + hsize
             available = self._have - start
             if available >= length:
                 body = memoryview(bytes(memoryview(buf)[start : start + length]))
                 pos = start + length
-                self._deliver(kind, body)
+                if out is None:
+                    self._deliver(kind, body)
+                else:
+                    out.append((kind, body))
                 continue
             if length > len(buf) - hsize:
                 # a large frame: give it a buffer of its own and read the rest into it
@@ -274,13 +285,14 @@ class Connection:
                 big[:available] = buf[start : self._have]
                 self._big, self._big_kind, self._big_fill = big, kind, available
                 self._have = 0
-                return
+                return True
             break
         # keep the incomplete tail at the front of the scratch buffer
         rest = self._have - pos
         if pos and rest:
             buf[:rest] = buf[pos : self._have]
         self._have = rest
+        return True
 
     def _read_big(self) -> None:
         big = self._big
@@ -308,6 +320,85 @@ class Connection:
             self.on_frame(kind, body)
         except ProtocolError as exc:
             self.close(f"protocol error: {exc}")
+
+    # -- reading in threads (after the handshake) ------------------------------------------
+    def read_in_threads(self) -> None:
+        """Stop reading on the loop; from now on threads call :meth:`read_frames`.
+
+        Called once, on the loop thread, after the handshake. A thread blocked in
+        ``read_frames`` delivers a reply to its caller, or starts a call, without a hop
+        through the event loop; this is the hot path of every call."""
+        if self._threaded or self.closed:
+            return
+        self.loop.remove_reader(self._fd)
+        self._threaded = True
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def read_frames(self) -> list[tuple[int, memoryview]] | None:
+        """Block until at least one whole frame has arrived and return the whole frames
+        read, in order; ``None`` once the connection is closed (then the caller must call
+        :meth:`reader_done`). One thread at a time."""
+        out: list[tuple[int, memoryview]] = []
+        while not out:
+            if self.closed:
+                return None
+            big = self._big
+            if big is not None:
+                view = memoryview(big)
+                while self._big_fill < len(big):
+                    n = self._recv_blocking(view[self._big_fill :], "in the middle of a frame")
+                    if n < 0:
+                        return None
+                    self._big_fill += n
+                self._big = None
+                out.append((self._big_kind, view))
+                break
+            n = self._recv_blocking(memoryview(self._scratch)[self._have :], "")
+            if n < 0:
+                return None
+            self._have += n
+            if not self._parse_scratch(out):
+                return None
+        return out
+
+    def _recv_blocking(self, into: memoryview, where: str) -> int:
+        """recv_into, waiting (GIL released) until data comes; -1 once the stream ended."""
+        sock = self.sock
+        while True:
+            try:
+                n = sock.recv_into(into)
+            except (BlockingIOError, InterruptedError):
+                if self.closed:
+                    return -1
+                try:
+                    self._poll.poll()
+                except InterruptedError:
+                    pass
+                continue
+            except OSError as exc:
+                self._fail(f"connection error: {exc.strerror or exc}")
+                return -1
+            if n == 0:
+                self._fail(f"connection closed by peer {where}".rstrip())
+                return -1
+            self.last_recv = time.monotonic()
+            return n
+
+    def reader_done(self) -> None:
+        """The last reader leaves: release the socket (after ``read_frames`` returned None)."""
+        with self._wlock, self._fd_lock:
+            if self._fd_open:
+                self._fd_open = False
+                self.sock.close()
+
+    def _fail(self, reason: str) -> None:
+        """Close because of what was read: at once on the loop, from a reader thread soon."""
+        if not self._threaded:
+            self.close(reason)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the process is ending
+            self.loop.call_soon_threadsafe(self.close, reason)
 
     def enlarge(self) -> None:
         """Switch to the full-size read buffer (after authentication)."""
@@ -434,15 +525,16 @@ class Connection:
         self.close_reason = reason
         if self._hb_handle is not None:
             self._hb_handle.cancel()
-        try:
-            self.loop.remove_reader(self._fd)
-        except (ValueError, OSError, RuntimeError):
-            pass
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        with self._fd_lock:
+            if not self._threaded:
+                with contextlib.suppress(ValueError, OSError, RuntimeError):
+                    self.loop.remove_reader(self._fd)
+            if self._fd_open:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in poll
+                if not self._threaded:
+                    self._fd_open = False
+                    self.sock.close()
         self._big = None
         self._outbox.clear()
         self.on_close(reason)

@@ -107,7 +107,8 @@ class Executor:
         self.closed = False
 
     # -- threads ----------------------------------------------------------------------------
-    def _spawn(self, work: Callable[[], None]) -> None:
+    def spawn(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in an idle worker thread, or a new one."""
         with self._workers_lock:
             if self._idle_workers > 0:
                 self._idle_workers -= 1
@@ -152,14 +153,22 @@ class Executor:
         link: bool,
         on_done: DoneCallback,
     ) -> None:
+        job = self.new_call(call_id, timeout=timeout, link=link, on_done=on_done)
+        self.spawn(lambda: self.run(job, load))
+
+    def new_call(
+        self, call_id: int, *, timeout: float | None, link: bool, on_done: DoneCallback
+    ) -> Job:
+        """Register a call (any thread); :meth:`run` it next, in a worker thread."""
         job = Job(call_id, link, on_done)
         if timeout is not None:
             job.deadline = time.monotonic() + max(timeout, 0.0)
         self._add(job)
-        self._spawn(lambda: self._run(job, load))
+        return job
 
     def _add(self, job: Job) -> None:
-        """Register a job (control loop thread)."""
+        """Register a job (any thread; ``on_change`` must be safe to call from any thread
+        when the executor becomes busy)."""
         with self._jobs_lock:
             self.jobs[job.id] = job
             self.busy += 1
@@ -188,7 +197,8 @@ class Executor:
             if job.deadline is not None and job.deadline <= now and job.cancel_exc is None:
                 self.cancel(job.id, CallTimeout)
 
-    def _run(self, job: Job, load: Loader) -> None:
+    def run(self, job: Job, load: Loader) -> None:
+        """Run a registered call in this (worker) thread and report its outcome."""
         outcome: Outcome
         try:
             try:
@@ -316,7 +326,7 @@ class Executor:
             outcome = self._execute(job, run, ())
             self._finish(job, outcome)
 
-        self._spawn(build)
+        self.spawn(build)
 
     def child_call(
         self,
@@ -340,7 +350,7 @@ class Executor:
         if timeout is not None:
             job.deadline = time.monotonic() + max(timeout, 0.0)
         self._add(job)
-        self._spawn(lambda: self._run(job, bound))
+        self.spawn(lambda: self.run(job, bound))
 
     def stop_child(self, child_id: int) -> None:
         job = self.jobs.get(child_id)
@@ -374,7 +384,7 @@ class Executor:
                 if then is not None:
                     then()
 
-        self._spawn(do_close)
+        self.spawn(do_close)
 
     # -- whole-runner transitions ---------------------------------------------------------------
     def cancel_linked(self) -> None:

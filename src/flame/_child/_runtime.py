@@ -33,6 +33,7 @@ from ._exits import ExitCode
 
 _CONNECT_ATTEMPT_TIMEOUT = 3.0
 _TICK = 0.1  # seconds between the terminator's periodic checks
+_CHILD_FLAG = _wire.FLAG_CHILD  # in a CALL's flags byte, body[8]
 
 
 class _Exit(Exception):
@@ -122,6 +123,75 @@ class RunnerSession:
         self._draining = False
         self._served = 0
 
+    # -- reading (worker threads, one at a time) -------------------------------------------------
+    def lead(self) -> None:
+        """Read frames as the connection's one reader (the "leader"), in a worker thread.
+
+        A plain call that arrives is run by the leader itself, right here, after it has
+        handed the reading over to another worker: so a call costs no thread hop between
+        the socket and the user's function. Every other frame goes to the control loop, in
+        the order received."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            taken = self._read_until_call(conn)
+        except RuntimeError:  # the control loop is closed: the runner is exiting
+            taken = None
+        except BaseException as exc:  # a bug here must not leave the runner deaf
+            conn._fail(f"runner failed to read: {type(exc).__name__}: {exc}")
+            taken = None
+        if taken is None:
+            conn.reader_done()
+            return
+        self.executor.spawn(self.lead)  # the next leader
+        self.executor.run(*taken)
+
+    def _read_until_call(self, conn: _wire.Connection) -> tuple[Any, Any] | None:
+        """Read, passing frames on to the control loop, until a plain call comes: return it
+        registered (job, loader). ``None``: the connection has ended."""
+        loop = self.loop
+        call_head = _wire.CALL_HEAD.size
+        while True:
+            frames = conn.read_frames()
+            if frames is None:
+                return None
+            mine = -1
+            for i, (kind, body) in enumerate(frames):
+                if kind == _wire.CALL and len(body) >= call_head and not body[8] & _CHILD_FLAG:
+                    mine = i
+            if mine < 0:
+                rest = [f for f in frames if f[0] != _wire.PING]
+                if rest:
+                    loop.call_soon_threadsafe(self._on_frames, rest)
+                continue
+            if mine:
+                loop.call_soon_threadsafe(self._on_frames, frames[:mine])
+            taken = self._take_call(frames[mine][1])
+            if mine + 1 < len(frames):  # after registering the call: a CANCEL may follow
+                loop.call_soon_threadsafe(self._on_frames, frames[mine + 1 :])
+            return taken
+
+    def _take_call(self, body: memoryview) -> tuple[Any, Any]:
+        call_id, flags, timeout = _wire.CALL_HEAD.unpack_from(body, 0)
+        self._served += 1
+        job = self.executor.new_call(
+            call_id,
+            timeout=None if timeout < 0 else timeout,
+            link=bool(flags & _wire.FLAG_LINK),
+            on_done=functools.partial(self._reply, _wire.RESULT, call_id, "result"),
+        )
+        return job, _loader(body[_wire.CALL_HEAD.size :])
+
+    def _on_frames(self, frames: list[tuple[int, memoryview]]) -> None:
+        conn = self.conn
+        for kind, body in frames:
+            if conn is None or conn.closed:
+                return
+            try:
+                self.on_frame(kind, body)
+            except _wire.ProtocolError as exc:
+                conn.close(f"protocol error: {exc}")
+
     # -- frames (control loop) ----------------------------------------------------------------
     def on_frame(self, kind: int, body: memoryview) -> None:
         if kind == _wire.PING:
@@ -202,7 +272,8 @@ class RunnerSession:
 
     # -- terminator (control loop) ----------------------------------------------------------------
     def _on_change(self) -> None:
-        """The executor went from idle to busy, or (when asked to tell) from busy to idle."""
+        """The executor went from idle to busy (any thread), or, when asked to tell, from busy
+        to idle (control loop)."""
         if self.executor.busy:
             self._next_ask = 0.0  # busy again: a KEEP's "ask later" no longer holds
             return
@@ -251,7 +322,7 @@ class RunnerSession:
             self.loop.call_soon_threadsafe(self._check_done, ok)
 
         self._checking = True
-        self.executor._spawn(run_check)
+        self.executor.spawn(run_check)
 
     def _check_done(self, ok: bool) -> None:
         self._checking = False
@@ -376,6 +447,8 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         float(config.get("heartbeat_timeout", _wire.DEFAULT_HEARTBEAT_TIMEOUT)),
     )
     session.start_ticking()
+    conn.read_in_threads()
+    session.executor.spawn(session.lead)
     code = await session.done
     if not conn.closed:
         # let queued frames (results, GOODBYE) leave before hanging up
