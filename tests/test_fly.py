@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ import flame
 import flame.backends.fly as fly_module
 from flame import BootError, RunnerLaunch
 from flame._child._exits import ExitCode
+from flame._parent import LaunchInfo
 from flame.backends.fly import FlyBackend, FlyMachineHandle
 from flame.testing.fly import FlyMachinesEmulator
 
@@ -665,3 +667,33 @@ def test_fly_backend_passes_the_backend_check(emulator: FlyMachinesEmulator) -> 
 
     check_backend(make_backend(emulator), boot_timeout=20)
     emulator.wait_until(lambda: not emulator.live_machines(), timeout=10)
+
+
+def test_an_answer_that_echoes_the_request_never_shows_the_runner_secret(
+    emulator: FlyMachinesEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a 422 (retried, logged) and a 400 (fatal) whose messages quote the whole request body,
+    # runner environment included, as a validation error quoting the config would
+    emulator.fail_next_creates(422, message="rejected machine config", echo=True)
+    emulator.fail_next_creates(400, message="rejected machine config", echo=True)
+    caplog.set_level(logging.DEBUG)
+    backend = make_backend(emulator)
+    launches: list[RunnerLaunch] = []
+    boot = backend.boot
+
+    async def recording_boot(launch: RunnerLaunch) -> FlyMachineHandle:
+        launches.append(launch)
+        return await boot(launch)
+
+    backend.boot = recording_boot  # type: ignore[method-assign]
+    pool = flame.Pool("fly-echo", max=1, backend=backend, boot_timeout=20)
+    with pool, pytest.raises(BootError) as info:
+        flame.call(pool, os.getpid)
+    flame_parent = launches[0].env["FLAME_PARENT"]
+    secret_hex = LaunchInfo.decode(flame_parent).secret.hex()
+    shown = str(info.value) + "\n" + caplog.text
+    assert "rejected machine config" in str(info.value)
+    assert "rejected machine config" in caplog.text  # the retried 422 was logged
+    assert "<hidden>" in shown
+    for value in (flame_parent, flame_parent[:40], flame_parent[-40:], secret_hex, TOKEN):
+        assert value not in shown

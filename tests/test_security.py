@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import pickle
+import secrets
 import select
 import signal
 import socket
@@ -559,3 +560,20 @@ def test_the_secret_is_nowhere_on_a_running_runner(runner_pids_seen: set[int]) -
         assert isinstance(err, flame.RunnerLost)
         assert_no_secret(str(err), secret)
         assert_no_secret(repr(pool), secret)
+
+
+def test_scrub_hides_registered_values_whole_or_cut() -> None:
+    from flame import _redact
+
+    value = secrets.token_urlsafe(60)
+    key = object()
+    _redact.hide(key, value)
+    try:
+        text = f"HTTP 422: FLAME_PARENT={value[:50]}... (and {value}) ok=yes short={value[:8]}"
+        shown = _redact.scrub(text)
+        assert value not in shown and value[:50] not in shown
+        assert shown.count("<hidden>") == 2
+        assert "ok=yes" in shown and f"short={value[:8]}" in shown  # short pieces are kept
+    finally:
+        _redact.forget(key)
+    assert _redact.scrub(value) == value  # forgotten: nothing more is hidden

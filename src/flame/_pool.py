@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _loop, _scaling
+from . import _loop, _scaling, _tls
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
 from ._runner import BaseRunner, make_runner
@@ -132,6 +132,11 @@ class Pool:
         log: ``False``, or a logging level at which pool events are logged on ``flame``.
         boot_ahead: start booting the next runner when fewer than this many free slots
             remain while work is in flight (0: boot only for callers already waiting).
+        tls: encrypt the connections to this pool's runners with TLS 1.3. The parent makes
+            an ephemeral self-signed certificate, and each runner accepts only that
+            certificate (its fingerprint travels in ``FLAME_PARENT``). Needs
+            ``pip install 'flame-py[tls]'``. Off by default: the connection is always
+            authenticated (HMAC handshake), and with ``tls`` also confidential.
 
     Use ``with Pool(...) as pool:`` / ``async with``, or :meth:`start` and :meth:`stop`.
     A pool that is used before being started starts itself.
@@ -156,6 +161,7 @@ class Pool:
         on_shrink: Callable[[dict[str, Any]], Any] | None = None,
         log: bool | int | str = False,
         boot_ahead: int = 0,
+        tls: bool = False,
     ) -> None:
         from ._api import resolve_backend
 
@@ -214,6 +220,11 @@ class Pool:
         self.on_shrink = on_shrink
         self.log = log
         self.boot_ahead = boot_ahead
+        if not isinstance(tls, bool):
+            raise ValueError(f"tls must be True or False, got {tls!r}")
+        if tls:
+            _tls.require()
+        self.tls = tls
         self.backend: Backend = resolve_backend(backend)
         self._idle_check = check
         self._lock = threading.Lock()

@@ -18,18 +18,20 @@ loop thread (or a local worker) resolves it exactly once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import os
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _serialize, _wire
+from . import _redact, _serialize, _tls, _wire
 from ._child._executor import Executor, Outcome
 from ._child._exits import ExitCode, describe_exit
 from ._errors import (
@@ -218,21 +220,23 @@ class _Expected:
 class Listener:
     """Accepts runner connections on one address; authenticates them for their runners."""
 
-    _instances: dict[tuple[int, str], Listener] = {}
+    _instances: dict[tuple[int, str, bool], Listener] = {}
 
     @classmethod
-    def get(cls, host: str) -> Listener:
+    def get(cls, host: str, tls: bool = False) -> Listener:
         from ._loop import get_loop
 
-        key = (os.getpid(), host)
+        key = (os.getpid(), host, tls)
         inst = cls._instances.get(key)
         if inst is None:
-            inst = cls._instances[key] = Listener(get_loop(), host)
+            inst = cls._instances[key] = Listener(get_loop(), host, tls)
         return inst
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, tls: bool = False) -> None:
         self.loop = loop
         self.host = host
+        #: TLS: the server context, and the certificate fingerprint runners pin
+        self.tls: tuple[ssl.SSLContext, str] | None = _tls.server_context() if tls else None
         if ":" in host:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             with contextlib.suppress(OSError):
@@ -270,13 +274,23 @@ class Listener:
             self.loop.create_task(self._handshake(conn_sock))
 
     async def _handshake(self, sock: socket.socket) -> None:
+        self.handshakes += 1
+        try:
+            async with asyncio.timeout(_wire.HANDSHAKE_TIMEOUT) as deadline:
+                if self.tls is not None:
+                    sock.setblocking(False)
+                    sock = await _tls.handshake(
+                        sock, self.tls[0], server_side=True, timeout=_wire.HANDSHAKE_TIMEOUT
+                    )
+        except (_tls.TLSError, TimeoutError):
+            self.handshakes -= 1
+            return
         q = _wire.FrameQueue()
         conn = _wire.Connection(
             sock, self.loop, on_frame=q.on_frame, on_close=q.on_close, scratch=_PREAUTH_SCRATCH
         )
-        self.handshakes += 1
         try:
-            async with asyncio.timeout(_wire.HANDSHAKE_TIMEOUT):
+            async with asyncio.timeout_at(deadline.when()):
                 hello = await q.get(_wire.HELLO)
                 runner_id = str(hello.get("id", ""))
                 exp = self.expected.get(runner_id)
@@ -418,7 +432,7 @@ class RemoteRunner(BaseRunner):
 
     async def boot(self) -> None:
         pool = self.pool
-        listener = Listener.get(self.backend.listen_host())
+        listener = Listener.get(self.backend.listen_host(), pool.tls)
         secret = os.urandom(32)
         info = LaunchInfo(
             runner_id=self.runner_id,
@@ -430,13 +444,18 @@ class RemoteRunner(BaseRunner):
             sys_path=_opt_tuple(self.backend.runner_sys_path()),
             cwd=self.backend.runner_cwd(),
             failsafe=pool._runner_failsafe(),
+            tls_fingerprint=listener.tls[1] if listener.tls is not None else None,
         )
         extra, _ = _serialize.dumps({"idle_check": pool._idle_check})
         connected = listener.expect(self.runner_id, secret, pool._runner_config(), extra)
+        encoded = info.encode()
+        # never shown, even if a platform echoes the request in an error (Kubernetes keeps
+        # Secret data base64-encoded once more)
+        _redact.hide(self, encoded, base64.b64encode(encoded.encode()).decode(), secret.hex())
         launch = RunnerLaunch(
             runner_id=self.runner_id,
             pool=pool.name,
-            env={"FLAME_PARENT": info.encode()},
+            env={"FLAME_PARENT": encoded},
             argv=("python", "-m", "flame", "runner"),
         )
         deadline = time.monotonic() + (pool.boot_timeout or 1e9)
@@ -642,6 +661,7 @@ class RemoteRunner(BaseRunner):
                 self.pool._log_error(f"backend failed to stop {self.describe()}: {exc!r}")
         if self._handle_wait is not None and not self._handle_wait.done():
             self._handle_wait.cancel()
+        _redact.forget(self)
 
 
 def _diag(handle: RunnerHandle | None) -> str:

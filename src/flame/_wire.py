@@ -70,6 +70,7 @@ import json
 import os
 import select
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -236,27 +237,69 @@ class Connection:
         self._poll: Any = None
         self._fd_lock = threading.Lock()  # the fd is closed by the last reader, under this
         self._fd_open = True
+        #: TLS (flame._tls): one OpenSSL connection must not be used by two threads at once
+        self._ssl_lock = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
         loop.add_reader(self._fd, self._on_readable)
 
+    # -- the socket, plain or TLS ---------------------------------------------------------------
+    def _recv(self, into: memoryview) -> int:
+        """Non-blocking ``recv_into``: ``BlockingIOError`` when there is nothing to read."""
+        if self._ssl_lock is None:
+            return self.sock.recv_into(into)
+        with self._ssl_lock:
+            try:
+                return self.sock.recv_into(into)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise BlockingIOError from None
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def _send_some(self, data: bytes | memoryview) -> int:
+        if self._ssl_lock is None:
+            return self.sock.send(data)
+        with self._ssl_lock:
+            try:
+                return self.sock.send(data)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise BlockingIOError from None
+
+    def _tls_pending(self) -> bool:
+        """Decrypted bytes held by the TLS layer, which no poll or epoll can see."""
+        if self._ssl_lock is None:
+            return False
+        with self._ssl_lock:
+            return bool(self.sock.pending())  # type: ignore[attr-defined]
+
     # -- reading (loop thread) ----------------------------------------------------------------
-    def _on_readable(self) -> None:
+    def _recv_now(self, into: memoryview, where: str = "") -> int:
+        """One non-blocking read: the bytes read, 0 if none yet, -1 once the stream ended."""
         try:
+            n = self._recv(into)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._fail(f"connection error: {exc.strerror or exc}")
+            return -1
+        if n == 0:
+            self._fail(f"connection closed by peer {where}".rstrip())
+            return -1
+        self.last_recv = time.monotonic()
+        return n
+
+    def _on_readable(self) -> None:
+        while not self.closed:
             if self._big is not None:
                 self._read_big()
+                if self._big is not None or not self._tls_pending():
+                    return
+                continue
+            n = self._recv_now(memoryview(self._scratch)[self._have :])
+            if n <= 0:
                 return
-            view = memoryview(self._scratch)
-            n = self.sock.recv_into(view[self._have :])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"connection error: {exc.strerror or exc}")
-            return
-        if n == 0:
-            self.close("connection closed by peer")
-            return
-        self.last_recv = time.monotonic()
-        self._have += n
-        self._parse_scratch()
+            self._have += n
+            self._parse_scratch()
+            if self._threaded or not self._tls_pending():
+                return
 
     def _parse_scratch(self, out: list[tuple[int, memoryview]] | None = None) -> bool:
         """Deliver (or, given ``out``, collect) the whole frames in the scratch buffer.
@@ -299,17 +342,9 @@ class Connection:
         assert big is not None
         view = memoryview(big)
         while self._big_fill < len(big):
-            try:
-                n = self.sock.recv_into(view[self._big_fill :])
-            except (BlockingIOError, InterruptedError):
+            n = self._recv_now(view[self._big_fill :], "in the middle of a frame")
+            if n <= 0:
                 return
-            except OSError as exc:
-                self.close(f"connection error: {exc.strerror or exc}")
-                return
-            if n == 0:
-                self.close("connection closed by peer in the middle of a frame")
-                return
-            self.last_recv = time.monotonic()
             self._big_fill += n
         kind = self._big_kind
         self._big = None
@@ -364,26 +399,16 @@ class Connection:
 
     def _recv_blocking(self, into: memoryview, where: str) -> int:
         """recv_into, waiting (GIL released) until data comes; -1 once the stream ended."""
-        sock = self.sock
         while True:
+            n = self._recv_now(into, where)
+            if n:
+                return n
+            if self.closed:
+                return -1
             try:
-                n = sock.recv_into(into)
-            except (BlockingIOError, InterruptedError):
-                if self.closed:
-                    return -1
-                try:
-                    self._poll.poll()
-                except InterruptedError:
-                    pass
-                continue
-            except OSError as exc:
-                self._fail(f"connection error: {exc.strerror or exc}")
-                return -1
-            if n == 0:
-                self._fail(f"connection closed by peer {where}".rstrip())
-                return -1
-            self.last_recv = time.monotonic()
-            return n
+                self._poll.poll()
+            except InterruptedError:
+                pass
 
     def reader_done(self) -> None:
         """The last reader leaves: release the socket (after ``read_frames`` returned None)."""
@@ -456,7 +481,7 @@ class Connection:
             # small frames (the common case): one buffer, one send(), no gather bookkeeping
             data = b"".join(frame)
             try:
-                sent = sock.send(data)
+                sent = self._send_some(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -470,8 +495,8 @@ class Connection:
         views = [v for v in views if v.nbytes]
         while views:
             try:
-                if len(views) > 64:
-                    sent = sock.send(views[0])
+                if len(views) > 64 or self._ssl_lock is not None:  # TLS: no sendmsg
+                    sent = self._send_some(views[0])
                 else:
                     sent = sock.sendmsg(views)
             except (BlockingIOError, InterruptedError):

@@ -320,6 +320,9 @@ class TcpProxy:
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self.connected = threading.Event()
+        #: every byte passed on, both directions (to check what an eavesdropper would see)
+        self.seen = bytearray()
+        self._seen_lock = threading.Lock()
         self._spawn(self._accept)
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
@@ -370,6 +373,8 @@ class TcpProxy:
                 return
             if self._dropping.is_set():
                 continue  # lost in the network
+            with self._seen_lock:
+                self.seen += data
             try:
                 dst.sendall(data)
             except OSError:

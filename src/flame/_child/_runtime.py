@@ -426,10 +426,28 @@ async def handshake(
     return conn, q, dict(welcome.get("config") or {})
 
 
+async def _secure(sock: socket.socket, info: LaunchInfo) -> socket.socket:
+    """TLS (when the parent asked for it): only the certificate it pinned is accepted."""
+    if info.tls_fingerprint is None:
+        return sock
+    from .. import _tls
+
+    try:
+        return await _tls.handshake(
+            sock,
+            _tls.client_context(),
+            server_side=False,
+            timeout=_wire.HANDSHAKE_TIMEOUT,
+            pin=info.tls_fingerprint,
+        )
+    except _tls.TLSError as exc:
+        raise _Exit(ExitCode.AUTH_FAILED, str(exc)) from None
+
+
 async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
     deadline = started + info.failsafe
     try:
-        sock = await _dial(info, deadline)
+        sock = await _secure(await _dial(info, deadline), info)
         conn, q, config = await handshake(sock, info)
     except _Exit as exc:
         _say(f"flame runner {info.runner_id}: {exc}")

@@ -39,6 +39,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import _redact
 from .._child._exits import describe_exit
 from .._errors import BootError
 from .._version import __version__
@@ -387,10 +388,11 @@ class FlyBackend(Backend):
         return self._http
 
     def _scrub(self, text: str) -> str:
-        """Remove the token from text that may end up in an error or a log line."""
+        """Remove the token, and any runner's secrets Fly may echo back, from text that may
+        end up in an error or a log line."""
         if self._token and self._token in text:
             text = text.replace(self._token, "<hidden>")
-        return text
+        return _redact.scrub(text)
 
     def _describe_answer(self, response: httpx.Response) -> str:
         try:

@@ -48,6 +48,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import _redact
 from .._child._exits import ExitCode
 from .._errors import BootError
 from ._base import Backend, RunnerHandle, RunnerLaunch
@@ -265,7 +266,12 @@ def _status_code(exc: BaseException) -> int | None:
 
 
 def _translate(exc: BaseException, action: str) -> BootError:
-    """An API, configuration or transport error as a BootError saying what failed (no token)."""
+    """An API, configuration or transport error as a BootError saying what failed (no token,
+    nor any runner secret the API may have echoed)."""
+    return BootError(_redact.scrub(str(_describe_error(exc, action))))
+
+
+def _describe_error(exc: BaseException, action: str) -> BootError:
     from lightkube import ApiError, ConfigError
 
     if isinstance(exc, ApiError):

@@ -206,6 +206,7 @@ class _Answer:
         self.doc = doc
         self.headers = dict(headers or {})
         self.hang_up = hang_up
+        self.echo = False  # append the request body to the error message
         self.delay = delay
 
     @property
@@ -413,10 +414,13 @@ class FlyMachinesEmulator:
         *,
         message: str | None = None,
         retry_after: float | None = None,
+        echo: bool = False,
     ) -> None:
         """Answer the next ``count`` requests of ``action`` with ``status`` (nothing done).
 
-        ``retry_after`` adds a ``Retry-After`` header (seconds).
+        ``retry_after`` adds a ``Retry-After`` header (seconds). ``echo`` appends the
+        request's body to the error message, as a validation error quoting the rejected
+        config would (the client must not show it: it holds the runner's environment).
         """
         if action not in _ACTIONS:
             raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
@@ -424,7 +428,9 @@ class FlyMachinesEmulator:
         text = message or f"injected failure ({status})"
         with self._lock:
             for _ in range(count):
-                self._injected[action].append(_Answer(status, {"error": text}, headers=headers))
+                answer = _Answer(status, {"error": text}, headers=headers)
+                answer.echo = echo
+                self._injected[action].append(answer)
 
     def fail_next_creates(
         self,
@@ -433,9 +439,10 @@ class FlyMachinesEmulator:
         *,
         message: str | None = None,
         retry_after: float | None = None,
+        echo: bool = False,
     ) -> None:
         """Shortcut for ``fail_next("create", ...)``."""
-        self.fail_next("create", status, count, message=message, retry_after=retry_after)
+        self.fail_next("create", status, count, message=message, retry_after=retry_after, echo=echo)
 
     def hang_up_next(self, action: Action = "create", count: int = 1) -> None:
         """Carry out the next ``count`` requests of ``action``, then drop the connection
@@ -641,6 +648,13 @@ class FlyMachinesEmulator:
                 return action, _error(503, "emulator is closing")
             injected = self._injected[action].popleft() if self._injected[action] else None
         if injected is not None and not injected.after_work:
+            if injected.echo and isinstance(injected.doc, dict):
+                quoted = json.dumps(body, separators=(",", ":"))
+                return action, _Answer(
+                    injected.status,
+                    {"error": f"{injected.doc['error']}: {quoted}"},
+                    headers=injected.headers,
+                )
             return action, injected
         if action == "create":
             answer = self._create(app, body)
