@@ -587,3 +587,30 @@ def test_a_runner_behind_a_network_that_drops_packets_is_lost_and_replaced(
             fresh, _ = pool.call(work.whoami, timeout=10)
             runner_pids_seen.add(fresh)
             assert fresh != first
+
+
+# -- who reads while a call runs (the runner's leader/follower reading) ---------------------------
+@pytest.mark.timeout(30)
+def test_a_call_arriving_during_a_lone_long_call_is_served_at_once(tmp_path: Path) -> None:
+    # the first call runs alone, in the thread that read it; the second must be read and run
+    # while the first is still blocked, not after it
+    with flame.Pool(
+        "wire-overtake", max=1, max_concurrency=2, backend=flame.ProcessBackend()
+    ) as pool:
+        flame.call(pool, work.whoami)  # booted
+        slow = Caller(lambda: flame.call(pool, work.gated, str(tmp_path), "slow"))
+        wait_until((tmp_path / "slow.started").exists, message="slow call not started")
+        pid, _ = flame.call(pool, work.whoami, timeout=10)
+        assert not (tmp_path / "slow.done").exists()  # it overtook the slow call
+        (tmp_path / "slow.gate").touch()
+        assert slow.outcome(10) == "slow done"
+        assert flame.call(pool, work.whoami)[0] == pid  # the same runner, still well
+
+
+@pytest.mark.timeout(30)
+def test_heartbeats_are_read_while_a_lone_call_runs(fast_heartbeats: None) -> None:
+    # 3 s of work, alone, with a 1 s heartbeat timeout: the parent's pings must still be read
+    with flame.Pool("wire-long-alone", max=1, backend=flame.ProcessBackend()) as pool:
+        pid, _ = flame.call(pool, work.whoami)
+        assert flame.call(pool, work.nap, 3.0) == pid
+        assert flame.call(pool, work.whoami)[0] == pid

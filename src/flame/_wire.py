@@ -237,6 +237,8 @@ class Connection:
         self._poll: Any = None
         self._fd_lock = threading.Lock()  # the fd is closed by the last reader, under this
         self._fd_open = True
+        #: threaded reading ended (why), before the loop has run close()
+        self._ended: str | None = None
         #: TLS (flame._tls): one OpenSSL connection must not be used by two threads at once
         self._ssl_lock = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
         loop.add_reader(self._fd, self._on_readable)
@@ -412,6 +414,8 @@ class Connection:
 
     def reader_done(self) -> None:
         """The last reader leaves: release the socket (after ``read_frames`` returned None)."""
+        if self._ended is None:
+            self._ended = self.close_reason or "connection closed"
         with self._wlock, self._fd_lock:
             if self._fd_open:
                 self._fd_open = False
@@ -422,6 +426,8 @@ class Connection:
         if not self._threaded:
             self.close(reason)
             return
+        if self._ended is None:
+            self._ended = reason  # writers stop at once, with this reason, not a bad fd
         with contextlib.suppress(RuntimeError):  # the loop is gone: the process is ending
             self.loop.call_soon_threadsafe(self.close, reason)
 
@@ -471,8 +477,8 @@ class Connection:
         return [HEADER.pack(length, kind), *parts]
 
     def _write(self, frame: list[bytes | memoryview]) -> None:
-        if self.closed:
-            raise ConnectionError(self.close_reason or "connection closed")
+        if self.closed or self._ended is not None:
+            raise ConnectionError(self.close_reason or self._ended or "connection closed")
         sock = self.sock
         size = 0
         for p in frame:

@@ -17,11 +17,14 @@ rules ends it, and returns the exit code:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import math
+import select
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -122,29 +125,98 @@ class RunnerSession:
         self._next_ask = 0.0  # after a KEEP: not before this time
         self._draining = False
         self._served = 0
+        self._watch: Any = None  # select.epoll, see _start_watch
+        self._lead_lock = threading.Lock()
+        self._vacant = False
 
     # -- reading (worker threads, one at a time) -------------------------------------------------
     def lead(self) -> None:
         """Read frames as the connection's one reader (the "leader"), in a worker thread.
 
-        A plain call that arrives is run by the leader itself, right here, after it has
-        handed the reading over to another worker: so a call costs no thread hop between
-        the socket and the user's function. Every other frame goes to the control loop, in
-        the order received."""
+        A plain call that arrives is run by the leader itself, right here: a call costs no
+        thread hop between the socket and the user's function. Every other frame goes to the
+        control loop, in the order received. While the leader runs a call, someone else must
+        read: with other work in flight, the leader wakes a follower at once; otherwise it
+        only arms a watch on the socket (:meth:`_vacate`), and the control loop wakes a
+        follower if anything arrives before the call ends. Then the leader, back from a
+        quick call, simply reads on, and a sequential stream of calls never wakes a thread
+        that would compete with the call for the GIL."""
         conn = self.conn
         assert conn is not None
+        while True:
+            try:
+                taken = self._read_until_call(conn)
+            except RuntimeError:  # the control loop is closed: the runner is exiting
+                taken = None
+            except BaseException as exc:  # a bug here must not leave the runner deaf
+                conn._fail(f"runner failed to read: {type(exc).__name__}: {exc}")
+                taken = None
+            if taken is None:
+                conn.reader_done()
+                return
+            # (bytes the TLS layer already holds would never wake the watch)
+            if self.executor.busy > 1 or self._watch is None or conn._tls_pending():
+                self.executor.spawn(self.lead)  # the next leader, now
+                self.executor.run(*taken)
+                return
+            self._vacate()
+            self.executor.run(*taken)
+            if not self._reclaim():
+                return  # the control loop made another worker the leader meanwhile
+
+    # -- the watch over a vacant socket ------------------------------------------------------------
+    def _start_watch(self, conn: _wire.Connection) -> None:
+        """A private epoll set, watched by the control loop, in which the leader arms the
+        socket while it runs a call (control loop, once)."""
         try:
-            taken = self._read_until_call(conn)
-        except RuntimeError:  # the control loop is closed: the runner is exiting
-            taken = None
-        except BaseException as exc:  # a bug here must not leave the runner deaf
-            conn._fail(f"runner failed to read: {type(exc).__name__}: {exc}")
-            taken = None
-        if taken is None:
-            conn.reader_done()
+            watch = select.epoll()
+        except (AttributeError, OSError):
+            return  # no epoll: always hand the reading over at once
+        watch.register(conn.sock.fileno(), 0)
+        self._watch = watch
+        self.loop.add_reader(watch.fileno(), self._on_watch)
+
+    def _vacate(self) -> None:
+        with self._lead_lock:
+            self._vacant = True
+            self._arm(select.EPOLLIN | select.EPOLLONESHOT)
+
+    def _reclaim(self) -> bool:
+        """Back from a call: lead on, unless a follower took over (then False)."""
+        with self._lead_lock:
+            if not self._vacant:
+                return False
+            self._vacant = False
+            self._arm(0)
+            return True
+
+    def _arm(self, events: int) -> None:
+        """Set what the watch waits for (under ``_lead_lock``)."""
+        watch, conn = self._watch, self.conn
+        if watch is not None and conn is not None:
+            # closed meanwhile (the runner is ending): the next read finds that out
+            with contextlib.suppress(OSError, ValueError):
+                watch.modify(conn.sock.fileno(), events)
+
+    def _on_watch(self) -> None:
+        """Control loop: something arrived on the vacant socket: wake a follower to read."""
+        if self._watch is None:
             return
-        self.executor.spawn(self.lead)  # the next leader
-        self.executor.run(*taken)
+        with contextlib.suppress(OSError):
+            self._watch.poll(0)  # consume the (one-shot) event
+        with self._lead_lock:
+            if not self._vacant:
+                return
+            self._vacant = False
+        self.executor.spawn(self.lead)
+
+    def _stop_watch(self) -> None:
+        with self._lead_lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
+                self.loop.remove_reader(watch.fileno())
+            watch.close()
 
     def _read_until_call(self, conn: _wire.Connection) -> tuple[Any, Any] | None:
         """Read, passing frames on to the control loop, until a plain call comes: return it
@@ -466,8 +538,10 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
     )
     session.start_ticking()
     conn.read_in_threads()
+    session._start_watch(conn)
     session.executor.spawn(session.lead)
     code = await session.done
+    session._stop_watch()
     if not conn.closed:
         # let queued frames (results, GOODBYE) leave before hanging up
         await asyncio.sleep(0)
