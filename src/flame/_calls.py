@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -407,26 +410,70 @@ def _window(pool: Pool) -> int:
 
 def map_(pool: Pool, fn: Any, iterable: Iterable[Any], timeout: float | None) -> Iterator[Any]:
     """``pool.map``: the items' calls run as tasks on the background loop (no thread per
-    item in flight), at most ``_window(pool)`` of them at once; results come back in order."""
+    item in flight), at most ``_window(pool)`` of them at once; results come back in order.
+
+    The caller's thread reads the iterable and hands items to the loop in batches (one
+    wake-up of the loop per batch, not per item): the whole window at first, then half a
+    window whenever that much room has come free."""
     pool._ensure_started()
     deadline = None if timeout is None else time.monotonic() + timeout
+    loop = pool._loop
+    tasks: dict[int, asyncio.Task[Any]] = {}  # filled and emptied on the loop
 
-    def submit(item: Any) -> concurrent.futures.Future[Any]:
-        t: Any = DEFAULT if deadline is None else max(0.0, deadline - time.monotonic())
-        return asyncio.run_coroutine_threadsafe(acall(pool, fn, (item,), t, True), pool._loop)
+    def start(batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+        for item, out in batch:
+            if out.cancelled():
+                continue
+            t: Any = DEFAULT if deadline is None else max(0.0, deadline - time.monotonic())
+            task = loop.create_task(acall(pool, fn, (item,), t, True))
+            tasks[id(out)] = task
+            task.add_done_callback(functools.partial(_settle_map_item, out, tasks))
 
     window = _window(pool)
+    refill = max(1, window // 2)
     futures: deque[concurrent.futures.Future[Any]] = deque()
+    batch: list[tuple[Any, concurrent.futures.Future[Any]]] = []
+    items = iter(iterable)
     try:
-        for item in iterable:
-            futures.append(submit(item))
-            if len(futures) >= window:
-                yield futures.popleft().result()
-        while futures:
+        while True:
+            room = window - len(futures)
+            if room >= refill or not futures:
+                for item in itertools.islice(items, room):
+                    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                    futures.append(out)
+                    batch.append((item, out))
+                if batch:
+                    loop.call_soon_threadsafe(start, batch)
+                    batch = []
+            if not futures:
+                return
             yield futures.popleft().result()
     finally:
-        for f in futures:
-            f.cancel()
+        if futures:
+            for f in futures:
+                f.cancel()
+
+            def cancel_all() -> None:
+                for task in list(tasks.values()):
+                    task.cancel()
+
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                loop.call_soon_threadsafe(cancel_all)
+
+
+def _settle_map_item(
+    out: concurrent.futures.Future[Any],
+    tasks: dict[int, asyncio.Task[Any]],
+    task: asyncio.Task[Any],
+) -> None:
+    tasks.pop(id(out), None)
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # the caller left
+        if task.cancelled():
+            out.cancel()
+        elif (exc := task.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(task.result())
 
 
 async def amap(

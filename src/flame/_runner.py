@@ -90,9 +90,11 @@ class Pending:
             self._event = threading.Lock()
             self._event.acquire()
 
-    def resolve(self, status: int, payload: Any) -> None:
+    def resolve(self, status: int, payload: Any, wakes: Wakes | None = None) -> None:
         """Deliver the outcome. The slot bookkeeping (``settle``) is left to the caller, off
-        the loop thread, unless the caller has already stopped waiting."""
+        the loop thread, unless the caller has already stopped waiting. With ``wakes``, an
+        asyncio caller's wake-up is collected there, for :func:`wake_all` to send in one go
+        with the others of the same batch of frames."""
         with _resolve_lock:
             if self.done:
                 return
@@ -105,9 +107,11 @@ class Pending:
         if self._event is not None:
             self._event.release()
         elif self._fut is not None and self._loop is not None:
-            fut = self._fut
+            if wakes is not None:
+                wakes.setdefault(self._loop, []).append(self._fut)
+                return
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                self._loop.call_soon_threadsafe(_set_none, fut)
+                self._loop.call_soon_threadsafe(_set_none, self._fut)
 
     def abandon(self) -> bool:
         """The caller stops waiting. Returns True if the outcome is already there (then the
@@ -148,6 +152,22 @@ class Pending:
 def _set_none(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+Wakes = dict[asyncio.AbstractEventLoop, list["asyncio.Future[None]"]]
+
+
+def wake_all(wakes: Wakes) -> None:
+    """Wake the asyncio callers collected by :meth:`Pending.resolve`: one wake-up per loop."""
+    for loop, futs in wakes.items():
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+            loop.call_soon_threadsafe(_set_all, futs)
+
+
+def _set_all(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
 
 
 LOST = -1  # Pending status: the runner went away; payload is the RunnerLost message
@@ -525,12 +545,17 @@ class RemoteRunner(BaseRunner):
                 if frames is None:
                     return
                 rest = []
+                wakes: Wakes = {}
                 for kind, body in frames:
                     if kind == _wire.RESULT:
                         call_id, status = _wire.RESULT_HEAD.unpack_from(body, 0)
-                        self._result(call_id, status, body[_wire.RESULT_HEAD.size :])
+                        p = self.pending.pop(call_id, None)
+                        if p is not None:
+                            p.resolve(status, body[_wire.RESULT_HEAD.size :], wakes)
                     elif kind != _wire.PING:
                         rest.append((kind, body))
+                if wakes:
+                    wake_all(wakes)
                 if rest:
                     loop.call_soon_threadsafe(self._on_frames, conn, rest)
         except RuntimeError:  # the loop is closed: the process is ending

@@ -225,7 +225,7 @@ class Connection:
         self.last_send = 0.0
         self._fd = sock.fileno()
         self._wlock = threading.Lock()
-        self._outbox: deque[list[bytes | memoryview]] = deque()
+        self._outbox: deque[bytes] = deque()  # small frames, whole
         self._scratch = bytearray(scratch)
         self._have = 0  # bytes of the scratch buffer in use
         self._big: bytearray | None = None  # body being received outside the scratch
@@ -440,9 +440,21 @@ class Connection:
 
     # -- writing (any thread) -----------------------------------------------------------------
     def send(self, kind: int, parts: Sequence[bytes | memoryview] = ()) -> None:
-        """Send one frame, blocking this thread until it is written. Raises ``ConnectionError``."""
+        """Send one frame. Raises ``ConnectionError`` if the connection is already closed.
+
+        A small frame never waits for another writer: it joins the outbox, which the holder
+        of the write lock flushes, several frames per ``send`` when they pile up (so under
+        load frames are batched). A large frame is written by this thread, which blocks
+        until it is out (and so pays for its own backpressure)."""
+        if self.closed or self._ended is not None:
+            raise ConnectionError(self.close_reason or self._ended or "connection closed")
         frame = self._frame(kind, parts)
+        if _size(frame) <= _SMALL_FRAME:
+            self._outbox.append(b"".join(frame))
+            self._try_flush()
+            return
         with self._wlock:
+            self._flush_outbox()  # what this thread queued before goes first
             self._write(frame)
             self._flush_outbox()
         if self._outbox:
@@ -452,7 +464,7 @@ class Connection:
         """Send a small frame without ever blocking on another writer (for the loop thread)."""
         if self.closed:
             return
-        self._outbox.append(self._frame(kind, parts))
+        self._outbox.append(b"".join(self._frame(kind, parts)))
         self._try_flush()
 
     def _try_flush(self) -> None:
@@ -467,8 +479,18 @@ class Connection:
                 self._wlock.release()
 
     def _flush_outbox(self) -> None:
-        while self._outbox:
-            self._write(self._outbox.popleft())
+        outbox = self._outbox
+        while outbox:
+            first = outbox.popleft()
+            if not outbox:
+                self._write([first])
+                continue
+            batch, size = [first], len(first)
+            while outbox and size < _READ_CHUNK:
+                data = outbox.popleft()
+                batch.append(data)
+                size += len(data)
+            self._write([b"".join(batch)])
 
     def _frame(self, kind: int, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
         length = 0
@@ -480,10 +502,7 @@ class Connection:
         if self.closed or self._ended is not None:
             raise ConnectionError(self.close_reason or self._ended or "connection closed")
         sock = self.sock
-        size = 0
-        for p in frame:
-            size += p.nbytes if isinstance(p, memoryview) else len(p)
-        if size <= _SMALL_FRAME:
+        if len(frame) == 1 or _size(frame) <= _SMALL_FRAME:
             # small frames (the common case): one buffer, one send(), no gather bookkeeping
             data = b"".join(frame)
             try:
@@ -569,6 +588,13 @@ class Connection:
         self._big = None
         self._outbox.clear()
         self.on_close(reason)
+
+
+def _size(parts: Sequence[bytes | memoryview]) -> int:
+    size = 0
+    for p in parts:
+        size += p.nbytes if isinstance(p, memoryview) else len(p)
+    return size
 
 
 class FrameQueue:

@@ -219,29 +219,28 @@ class RunnerSession:
             watch.close()
 
     def _read_until_call(self, conn: _wire.Connection) -> tuple[Any, Any] | None:
-        """Read, passing frames on to the control loop, until a plain call comes: return it
-        registered (job, loader). ``None``: the connection has ended."""
-        loop = self.loop
+        """Read until plain calls come: register them all, start all but the last in other
+        workers, pass every other frame on to the control loop (in order, after the calls
+        are registered, so that a CANCEL finds its call), and return the last call (job,
+        loader) for this thread to run. ``None``: the connection has ended."""
         call_head = _wire.CALL_HEAD.size
         while True:
             frames = conn.read_frames()
             if frames is None:
                 return None
-            mine = -1
-            for i, (kind, body) in enumerate(frames):
+            calls: list[tuple[Any, Any]] = []
+            rest: list[tuple[int, memoryview]] = []
+            for kind, body in frames:
                 if kind == _wire.CALL and len(body) >= call_head and not body[8] & _CHILD_FLAG:
-                    mine = i
-            if mine < 0:
-                rest = [f for f in frames if f[0] != _wire.PING]
-                if rest:
-                    loop.call_soon_threadsafe(self._on_frames, rest)
-                continue
-            if mine:
-                loop.call_soon_threadsafe(self._on_frames, frames[:mine])
-            taken = self._take_call(frames[mine][1])
-            if mine + 1 < len(frames):  # after registering the call: a CANCEL may follow
-                loop.call_soon_threadsafe(self._on_frames, frames[mine + 1 :])
-            return taken
+                    calls.append(self._take_call(body))
+                elif kind != _wire.PING:
+                    rest.append((kind, body))
+            for job, load in calls[:-1]:
+                self.executor.spawn(functools.partial(self.executor.run, job, load))
+            if rest:
+                self.loop.call_soon_threadsafe(self._on_frames, rest)
+            if calls:
+                return calls[-1]
 
     def _take_call(self, body: memoryview) -> tuple[Any, Any]:
         call_id, flags, timeout = _wire.CALL_HEAD.unpack_from(body, 0)
