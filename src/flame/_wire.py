@@ -116,7 +116,7 @@ HANDSHAKE_TIMEOUT = 5.0
 NONCE_BYTES = 32
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 8.0
-_READ_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024  # the scratch buffer: small frames; larger ones get their own
 _SMALL_FRAME = 16 * 1024
 
 
