@@ -1,6 +1,7 @@
-"""Soak flame under chaos: many callers, while runners are SIGKILLed and SIGSTOPped at random.
+"""Soak flame under chaos: many callers, while runners are killed, frozen and cut off at random.
 
-``python -m bench.soak --seconds N [--threads M] [--tasks K] [--seed S] [--json PATH]``
+``python -m bench.soak --seconds N [--threads M] [--tasks K] [--seed S] [--json PATH]
+[--partitions | --no-partitions]``
 
 A ``ProcessBackend`` pool is driven for N seconds by M threads (``flame.call``) and K asyncio
 tasks (``flame.acall``, all on one loop thread) with a seeded mix of calls: quick ones with a
@@ -8,6 +9,16 @@ known result, short sleeps, calls that raise a known exception, and calls whose 
 sometimes expires. Meanwhile a chaos thread picks one of the pool's runner processes every
 0.3-1.0 s and sends it SIGKILL or SIGSTOP. A stopped runner must be found out by heartbeats
 and killed by the pool.
+
+With ``--partitions`` (the default where network namespaces can be made: root, ``ip`` and
+``nft``; ``--no-partitions`` to turn it off) each runner starts in a network namespace of its
+own, joined to the parent by a veth pair on a bridge (``tests/helpers/netns.py``), and the
+chaos thread has a third kind of fault: it cuts a settled runner off, silently (its veth set
+down, or nftables dropping every packet in its namespace), some for less than the heartbeat
+timeout (to be ridden out), some for longer (both sides must notice: the runner leaves by
+itself, its calls fail with ``RunnerLost``); another thread heals each cut when its time is
+up. A runner cut off for longer than the heartbeat bound and still alive is a leak, and so
+is a namespace left after the run.
 
 At the end the callers are joined with a deadline, the pool is allowed to settle and is
 stopped, and the script checks: wrong results, hung callers, leaked runner processes (alive
@@ -20,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -48,6 +62,15 @@ BOOT_TIMEOUT = 10.0
 STOP_LEAK_AFTER = max(HEARTBEAT_TIMEOUT, BOOT_TIMEOUT) + 5.0
 STOP_LEAK_AFTER_BOOTING = BOOT_TIMEOUT + 5.0
 STOP_DEADLINE = 10.0  # runner processes must be gone this long after pool.stop()
+# partitions (--partitions): a third kind of fault, on a runner whose TCP connection to the
+# parent is SETTLED_FOR old (normally past its handshake: heartbeats are the bound then; one
+# cut during its handshake gives up after the handshake timeout, 5 s). Short ones are well
+# under the heartbeat timeout; a long one outlasts PARTITION_LEAK_AFTER, by which the runner
+# must be gone (it noticed the silent parent and left, or the pool, having noticed, killed it).
+SETTLED_FOR = 0.5
+SHORT_PARTITION = (0.3, 1.0)
+PARTITION_LEAK_AFTER = HEARTBEAT_TIMEOUT + 3.0
+LONG_PARTITION = (PARTITION_LEAK_AFTER + 0.5, PARTITION_LEAK_AFTER + 2.0)
 
 
 # -- the work (runs on the runners) ----------------------------------------------------------------
@@ -155,6 +178,11 @@ class Figures:
     leaked_slots: dict[str, int] = field(default_factory=dict)
     stats_before_stop: dict[str, int] = field(default_factory=dict)
     runners_seen: int = 0
+    partitions: str = "off"  # "on", or "off (why)"
+    partition_counts: dict[str, int] = field(default_factory=dict)
+    partition_leaks: list[str] = field(default_factory=list)
+    partition_lived_max_s: float = 0.0  # longest a runner cut off for good lived after the cut
+    leaked_namespaces: list[str] = field(default_factory=list)
     passed: bool = False
 
 
@@ -284,7 +312,9 @@ class Chaos:
         self.stop_leaks: dict[Proc, str] = {}
         self.lifetimes: dict[str, float] = {}  # longest a SIGSTOPped runner lived, by state
         self.seen: set[Proc] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.partitions: Partitions | None = None  # with --partitions: a third kind of fault
+        self.partition_due = False  # drawn, but no runner could be cut off yet
 
     def scan(self) -> list[Proc]:
         procs = runner_procs()
@@ -293,6 +323,10 @@ class Chaos:
         return procs
 
     def check_stopped(self, now: float) -> None:
+        with self.lock:
+            self._check_stopped(now)
+
+    def _check_stopped(self, now: float) -> None:
         for proc, (at, was_connected) in list(self.stopped.items()):
             state = "connected" if was_connected else "booting"
             bound = STOP_LEAK_AFTER if was_connected else STOP_LEAK_AFTER_BOOTING
@@ -306,8 +340,9 @@ class Chaos:
                 del self.stopped[proc]
 
     def run(self) -> None:
-        """Inject a fault every 0.3-1.0 s until told to stop; watch the SIGSTOPped runners
-        (every 50 ms, so their lifetimes are measured closely) until each is gone or leaked."""
+        """Inject a fault every 0.3-1.0 s until told to stop (a partition drawn when no
+        runner can be cut off waits for one); watch the SIGSTOPped runners (every 50 ms, so
+        their lifetimes are measured closely) until each is gone or leaked."""
         next_fault = time.monotonic() + self.rng.uniform(0.3, 1.0)
         while True:
             now = time.monotonic()
@@ -318,13 +353,41 @@ class Chaos:
             elif now >= next_fault:
                 self.fault()
                 next_fault = now + self.rng.uniform(0.3, 1.0)
+            else:
+                self.partition()
             time.sleep(0.05)
 
     def fault(self) -> None:
-        # only runners not already frozen: a second fault on them would teach nothing
-        procs = [p for p in self.scan() if p not in self.stopped and p not in self.stop_leaks]
+        with self.lock:
+            self._fault()
+
+    def partition(self) -> None:
+        """Cut a runner off if one is due and one can be (else try again on the next tick:
+        runners fit to cut off are often all frozen or just booted)."""
+        with self.lock:
+            parts = self.partitions
+            if not self.partition_due or parts is None:
+                return
+            if parts.inject(time.monotonic(), frozen={p[0] for p in self.stopped}):
+                self.faults["partition"] += 1
+                self.partition_due = False
+
+    def _fault(self) -> None:
+        # only runners not already frozen (or cut off): a second fault would teach nothing
+        parts = self.partitions
+        cut_off = parts.cut_off() if parts is not None else set()
+        procs = [
+            p
+            for p in self.scan()
+            if p not in self.stopped and p not in self.stop_leaks and p[0] not in cut_off
+        ]
         # draw even when there is no target, so the sequence depends on the seed only
-        pick, sig = self.rng.random(), self.rng.choice(("SIGKILL", "SIGSTOP"))
+        kinds = ("SIGKILL", "SIGSTOP") if parts is None else ("SIGKILL", "SIGSTOP", "partition")
+        pick, sig = self.rng.random(), self.rng.choice(kinds)
+        if sig == "partition":
+            self.partition_due = True
+            self.partition()
+            return
         if not procs:
             self.faults["skipped (no unfrozen runner)"] += 1
             return
@@ -342,6 +405,170 @@ class Chaos:
             self.faults[f"SIGSTOP ({'connected' if was_connected else 'booting'})"] += 1
 
 
+# -- partitions ----------------------------------------------------------------------------------
+def _netns() -> Any:
+    """The network-namespace helpers shared with tests/test_partition.py."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from helpers import netns
+
+    return netns
+
+
+def partitions_unavailable() -> str | None:
+    """Why runners cannot be put in network namespaces here, or None."""
+    try:
+        return _netns().unavailable()  # type: ignore[no-any-return]
+    except Exception as exc:  # e.g. run from a copy without tests/
+        return f"cannot load the namespace helpers: {exc!r}"
+
+
+@dataclass
+class Cut:
+    proc: Proc
+    handle: Any  # helpers.netns.WatchedHandle; .netns is the runner's namespace
+    mode: str  # "link" or "drop"
+    at: float
+    until: float
+    long: bool
+    gone_at: float | None = None
+    leaked: bool = False
+    interrupted: bool = False  # healed early: the run was over
+
+
+class Partitions:
+    """Cuts runners off (each lives in a namespace of its own) and heals them, at random."""
+
+    def __init__(self, seed: int, backend: Any) -> None:
+        self.rng = random.Random(f"{seed}-partitions")
+        self.netns = _netns()
+        self.backend = backend
+        self.stop = threading.Event()
+        self.active: dict[int, Cut] = {}
+        self.done: list[Cut] = []
+        self.counts: Counter[str] = Counter()
+        self.leaks: list[str] = []
+        self.settled: dict[int, float] = {}  # pid -> first seen connected
+        self.lock = threading.Lock()
+        self.closed = False  # no more cuts (the run is over)
+
+    def dialled(self, pid: int) -> bool:
+        """Whether the runner has a TCP connection to the parent (seen in its namespace)."""
+        try:
+            with open(f"/proc/{pid}/net/tcp") as fh:
+                table = self.netns.parse_tcp(fh.read())
+        except OSError:
+            return False
+        parent = self.backend.bridge.address
+        return any(t.remote[0] == parent and t.state == "ESTABLISHED" for t in table)
+
+    def cut_off(self) -> set[int]:
+        with self.lock:
+            return set(self.active)
+
+    def run(self) -> None:
+        """Watch the runners cut off (every 50 ms) and heal each cut when its time is up;
+        when told to stop, heal every cut still in place. The chaos thread injects them."""
+        try:
+            while not self.stop.is_set():
+                self.watch(time.monotonic())
+                time.sleep(0.05)
+        finally:
+            with self.lock:
+                self.closed = True
+                left = list(self.active.values())
+            for cut in left:
+                cut.interrupted = True
+                self.heal(cut, time.monotonic())
+
+    def watch(self, now: float) -> None:
+        live = self.backend.live()
+        for pid in live:
+            if pid not in self.settled and self.dialled(pid):
+                self.settled[pid] = now
+        for pid in [p for p in self.settled if p not in live]:
+            del self.settled[pid]
+        for cut in list(self.active.values()):
+            if cut.gone_at is None and not alive(cut.proc):
+                cut.gone_at = now
+            if cut.long and cut.gone_at is None and not cut.leaked:
+                if now - cut.at > PARTITION_LEAK_AFTER:
+                    cut.leaked = True
+                    self.leaks.append(
+                        f"pid {cut.proc[0]} cut off ({cut.mode}) and still alive after "
+                        f"{PARTITION_LEAK_AFTER:g}s"
+                    )
+            if now >= cut.until:
+                self.heal(cut, now)
+
+    def inject(self, now: float, frozen: set[int]) -> bool:
+        """Cut one settled runner off (not one of ``frozen``); False if there was none."""
+        live = self.backend.live()
+        candidates = sorted(
+            pid
+            for pid in live
+            if pid not in self.active
+            and pid not in frozen
+            and now - self.settled.get(pid, now) >= SETTLED_FOR
+        )
+        if not candidates:
+            return False
+        pick, mode, long = self.rng.random(), self.rng.choice(("link", "drop")), self.rng.random()
+        duration = self.rng.uniform(*(LONG_PARTITION if long < 0.5 else SHORT_PARTITION))
+        pid = candidates[int(pick * len(candidates))]
+        handle, st = live[pid], _stat(pid)
+        if st is None or st[1] in ("Z", "T"):
+            return False
+        with self.lock:  # (so that run() heals every cut made)
+            if self.closed:
+                return False
+            if long < 0.5:
+                # the pool may not kill it before the leak bound: it must leave by itself
+                handle.patience = PARTITION_LEAK_AFTER + 1.0
+            try:
+                handle.netns.cut(mode)
+            except Exception:  # the runner (and its namespace) went away meanwhile
+                handle.patience = 0.0
+                return False
+            cut = Cut((pid, st[2]), handle, mode, now, now + duration, long < 0.5)
+            self.active[pid] = cut
+        self.counts["injected"] += 1
+        self.counts[f"{mode} ({'long' if cut.long else 'short'})"] += 1
+        return True
+
+    def heal(self, cut: Cut, now: float) -> None:
+        cut.handle.netns.heal(check=False)
+        cut.handle.patience = 0.0
+        if cut.gone_at is None and not alive(cut.proc):
+            cut.gone_at = now
+        with self.lock:
+            self.active.pop(cut.proc[0], None)
+        self.done.append(cut)
+
+    def figures(self) -> tuple[dict[str, int], float]:
+        """Outcome counts (once every runner is gone) and the longest a runner cut off for
+        good lived after its cut."""
+        counts = Counter(self.counts)
+        lived = 0.0
+        for cut in self.done:
+            code = cut.handle.returncode
+            if cut.interrupted and cut.gone_at is None:
+                counts["healed early (end of run)"] += 1
+            elif cut.long:
+                if cut.gone_at is not None:
+                    lived = max(lived, cut.gone_at - cut.at)
+                if code == 205:  # ExitCode.PARENT_LOST
+                    counts["long: left by itself (exit 205)"] += 1
+                else:
+                    counts[f"long: ended otherwise (exit {code})"] += 1
+            elif cut.gone_at is None:
+                counts["short: ridden out (same runner)"] += 1
+            else:
+                counts["short: runner lost"] += 1
+        return dict(sorted(counts.items())), lived
+
+
 # -- the run ---------------------------------------------------------------------------------
 def _stats(pool: flame.Pool) -> dict[str, int]:
     s = pool.stats()
@@ -354,27 +581,60 @@ def _stats(pool: flame.Pool) -> dict[str, int]:
     }
 
 
-def soak(seconds: float, threads: int, tasks: int, seed: int) -> Figures:
+def soak(
+    seconds: float, threads: int, tasks: int, seed: int, partitions: bool | None = None
+) -> Figures:
+    """Run the soak. ``partitions``: None means on where network namespaces can be made."""
+    fig = Figures(seconds=seconds, threads=threads, tasks=tasks, seed=seed)
+    why_not = None if partitions is False else partitions_unavailable()
+    if partitions and why_not is not None:
+        raise SystemExit(f"--partitions: {why_not}")
+    if partitions is False or why_not is not None:
+        fig.partitions = "off" if partitions is False else f"off ({why_not})"
+        _run(fig, flame.ProcessBackend(), with_partitions=False)
+        return fig
+    netns = _netns()
+    with contextlib.ExitStack() as stack:
+        bridge = netns.Bridge()
+        stack.callback(bridge.close)
+        bridge.create()
+        tmp = tempfile.mkdtemp(prefix="flame-soak-")
+        stack.callback(shutil.rmtree, tmp, True)
+        backend = netns.NetnsPerRunnerBackend(bridge, netns.write_wrapper(tmp))
+        fig.partitions = "on"
+        _run(fig, backend, with_partitions=True)
+    # every runner's namespace is deleted when the pool stops it; what is left leaked
+    fig.leaked_namespaces = netns.leftovers()
+    for name in fig.leaked_namespaces:  # leave the machine clean all the same
+        kind = ("netns", "del") if name.startswith("flame-") else ("link", "del")
+        netns.run("ip", *kind, name, check=False)
+    fig.passed = fig.passed and not fig.leaked_namespaces
+    return fig
+
+
+def _run(fig: Figures, backend: flame.Backend, *, with_partitions: bool) -> None:
     flame.configure(
         heartbeat_interval=HEARTBEAT_INTERVAL,
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         cancel_grace=CANCEL_GRACE,
     )
-    fig = Figures(seconds=seconds, threads=threads, tasks=tasks, seed=seed)
+    seed, threads, tasks = fig.seed, fig.threads, fig.tasks
     tally = Tally()
     chaos = Chaos(seed)
+    parts = Partitions(seed, backend) if with_partitions else None
+    chaos.partitions = parts
     pool = flame.Pool(
         "soak",
         min=1,
         max=3,
         max_concurrency=4,
-        backend=flame.ProcessBackend(),
+        backend=backend,
         idle_shutdown_after=2.0,
         boot_timeout=BOOT_TIMEOUT,
         shutdown_timeout=2.0,
     )
     pool.start()
-    until = time.monotonic() + seconds
+    until = time.monotonic() + fig.seconds
     callers = Callers(pool, tally, until, seed)
 
     workers = [
@@ -392,15 +652,22 @@ def soak(seconds: float, threads: int, tasks: int, seed: int) -> Figures:
 
     async_tasks = asyncio.run_coroutine_threadsafe(spawn(), loop).result()
     chaos_thread = threading.Thread(target=chaos.run, name="soak-chaos", daemon=True)
+    part_thread = threading.Thread(
+        target=parts.run if parts else lambda: None, name="soak-partitions", daemon=True
+    )
     for w in workers:
         w.start()
     chaos_thread.start()
+    part_thread.start()
 
     # -- the run itself; then stop the chaos and join every caller with a deadline
     while time.monotonic() < until:
         time.sleep(min(0.5, max(0.0, until - time.monotonic())))
         chaos.scan()
     chaos.stop.set()  # no more faults; it keeps watching the SIGSTOPped runners
+    if parts is not None:
+        parts.stop.set()  # no more cuts; it heals what is still cut off
+    part_thread.join()
     join_by = until + CALL_TIMEOUT + HUNG_SLACK
     for w in workers:
         w.join(max(0.0, join_by - time.monotonic()))
@@ -442,6 +709,10 @@ def soak(seconds: float, threads: int, tasks: int, seed: int) -> Figures:
             except ProcessLookupError:
                 pass
     fig.runners_seen = len(seen)
+    if parts is not None:
+        fig.partition_counts, lived = parts.figures()
+        fig.partition_lived_max_s = round(lived, 2)
+        fig.partition_leaks = list(parts.leaks)
 
     if hung_tasks == 0:
         loop.call_soon_threadsafe(loop.stop)
@@ -463,14 +734,14 @@ def soak(seconds: float, threads: int, tasks: int, seed: int) -> Figures:
         or fig.stopped_runner_leaks
         or fig.leaked_slots
         or fig.unexpected_errors
+        or fig.partition_leaks
     )
-    return fig
 
 
 def report(fig: Figures) -> str:
     lines = [
         f"flame {flame.__version__} soak: {fig.seconds:g}s, {fig.threads} threads + "
-        f"{fig.tasks} tasks, seed {fig.seed}",
+        f"{fig.tasks} tasks, seed {fig.seed}, partitions {fig.partitions}",
         "",
     ]
 
@@ -492,11 +763,17 @@ def report(fig: Figures) -> str:
     for k, v in others.items():
         row(f"    {k[6:]}", v)
     row("longest call (s)", f"{fig.max_call_s:.2f}")
-    row("faults injected", fig.faults.get("SIGKILL", 0) + fig.faults.get("SIGSTOP", 0))
+    row("faults injected", sum(fig.faults.get(k, 0) for k in ("SIGKILL", "SIGSTOP", "partition")))
     for k, v in fig.faults.items():
         row(f"  {k}", v)
     for k, s in fig.stopped_lifetime_max_s.items():
         row(f"SIGSTOPped ({k}) lived, max s", f"{s:.2f}")
+    if fig.partitions == "on":
+        row("partitions injected", fig.partition_counts.get("injected", 0))
+        for k, v in fig.partition_counts.items():
+            if k != "injected":
+                row(f"  {k}", v)
+        row("cut off for good: lived, max s", f"{fig.partition_lived_max_s:.2f}")
     row("runner processes seen", fig.runners_seen)
     lines.append("")
     row("unexpected errors", len(fig.unexpected_errors), True)
@@ -505,6 +782,9 @@ def report(fig: Figures) -> str:
     row("leaked runners (after stop)", len(fig.leaked_runners), True)
     row("leaked runners (SIGSTOP not killed)", len(fig.stopped_runner_leaks), True)
     row("leaked slots", sum(fig.leaked_slots.values()), True)
+    if fig.partitions == "on":
+        row("leaked runners (partition unnoticed)", len(fig.partition_leaks), True)
+        row("leaked namespaces", len(fig.leaked_namespaces), True)
     if fig.zombies_after_stop:
         row("unreaped runners (zombies)", len(fig.zombies_after_stop))
     details = [
@@ -513,6 +793,8 @@ def report(fig: Figures) -> str:
         ("late (hung) call", fig.late_calls),
         ("leaked runner pid", [str(p) for p in fig.leaked_runners]),
         ("SIGSTOPped runner not killed", fig.stopped_runner_leaks),
+        ("partitioned runner not gone", fig.partition_leaks),
+        ("leaked namespace", fig.leaked_namespaces),
         ("zombie pid", [str(p) for p in fig.zombies_after_stop]),
     ]
     for label, items in details:
@@ -535,8 +817,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=8, help="asyncio tasks using flame.acall")
     parser.add_argument("--seed", type=int, default=0, help="seeds every random choice")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--partitions",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put each runner in a network namespace and cut them off at random (default: "
+        "on where namespaces can be made: root, ip, nft)",
+    )
     args = parser.parse_args(argv)
-    fig = soak(args.seconds, args.threads, args.tasks, args.seed)
+    fig = soak(args.seconds, args.threads, args.tasks, args.seed, args.partitions)
     print(report(fig), flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -602,8 +602,14 @@ class RemoteRunner(BaseRunner):
     async def _lost(self, reason: str) -> None:
         if self.gone:
             return
-        # give the backend a moment to report the exit status, for a useful message
-        if self._handle_wait is not None and not self._handle_wait.done():
+        # the connection closed: the process is likely exiting; give the backend a moment to
+        # report its exit status, for a useful message. Heartbeats stopped: the runner is
+        # frozen or cut off, and no status is coming soon; fail its calls now.
+        if (
+            self._handle_wait is not None
+            and not self._handle_wait.done()
+            and not reason.startswith("no heartbeat")
+        ):
             await asyncio.wait({self._handle_wait}, timeout=1.0)
         if self._handle_wait is not None and self._handle_wait.done():
             with contextlib.suppress(BaseException):
