@@ -568,7 +568,8 @@ def test_a_runner_behind_a_network_that_drops_packets_is_lost_and_replaced(
     fast_heartbeats: None, runner_pids_seen: set[int]
 ) -> None:
     with TcpProxy() as proxy:
-        backend = RecordingProcessBackend(tamper=via(proxy))
+        # patience: the pool's stop waits for the runner to leave by itself, as it must
+        backend = RecordingProcessBackend(tamper=via(proxy), patience=5.0)
         with flame.Pool("wire-lossy", max=1, max_concurrency=2, backend=backend) as pool:
             first, _ = pool.call(work.whoami)
             runner_pids_seen.add(first)

@@ -263,10 +263,16 @@ class RecordingProcessBackend(flame.ProcessBackend):
     """Remembers each runner's decoded ``FLAME_PARENT`` and process; may rewrite it first."""
 
     def __init__(
-        self, tamper: Callable[[LaunchInfo], LaunchInfo] | None = None, **kwargs: Any
+        self,
+        tamper: Callable[[LaunchInfo], LaunchInfo] | None = None,
+        patience: float = 0.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.tamper = tamper
+        #: when the pool stops a runner, first wait this long for it to exit by itself (a
+        #: parent cut off from its runner could not kill it: the runner must leave alone)
+        self.patience = patience
         self.infos: list[LaunchInfo] = []
         self.handles: list[ProcessHandle] = []
 
@@ -280,6 +286,15 @@ class RecordingProcessBackend(flame.ProcessBackend):
         handle = await super().boot(launch)
         assert isinstance(handle, ProcessHandle)
         self.handles.append(handle)
+        if self.patience > 0:
+            kill, patience = handle.stop, self.patience
+
+            async def patient_stop() -> None:
+                if handle.proc.poll() is None:
+                    await asyncio.wait({asyncio.ensure_future(handle.wait())}, timeout=patience)
+                await kill()
+
+            handle.stop = patient_stop  # type: ignore[method-assign]
         return handle
 
     @property
