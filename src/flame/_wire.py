@@ -189,13 +189,15 @@ FrameHandler = Callable[[int, memoryview], None]
 
 
 class Connection:
-    """One framed, heartbeated connection, read on an asyncio loop, writable from any thread.
+    """One framed, heartbeated connection, writable from any thread.
 
-    Reading happens in ``loop`` through ``add_reader`` (one ``recv_into`` per readiness, large
-    frames straight into their own buffer). Writing is thread-safe: any thread may call
-    :meth:`send`; a thread that cannot take the write lock without blocking (the loop
-    thread, through :meth:`send_soon`) leaves its frame in an outbox that the lock's holder
-    flushes before letting go. ``on_frame(kind, body)`` and ``on_close(reason)`` run on the
+    Reading happens first in ``loop`` through ``add_reader`` (the handshake: one
+    ``recv_into`` per readiness, large frames straight into their own buffer), then, after
+    :meth:`read_in_threads`, in whichever thread calls :meth:`read_frames` (one at a time;
+    the last one releases the socket with :meth:`reader_done`). Writing is thread-safe: a
+    small frame joins an outbox that the holder of the write lock flushes, several frames per
+    ``send`` under load, so no writer waits for another; a large frame is written by its own
+    thread. ``on_frame(kind, body)`` (loop reading only) and ``on_close(reason)`` run on the
     loop thread; ``on_close`` exactly once.
     """
 
