@@ -24,6 +24,7 @@ import pytest
 import flame
 from conftest import IN_PROCESS
 from helpers import pid_alive, runner_pids, wait_until
+from helpers.pool_helpers import Caller
 
 
 # -- code that runs on runners ---------------------------------------------------------------------
@@ -150,31 +151,6 @@ def _healthy(pool: flame.Pool) -> None:
     assert flame.call(pool, echo, "still serving", timeout=15) == "still serving"
 
 
-class Caller(threading.Thread):
-    """A call made from another thread; keeps its outcome and when it ended."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(daemon=True)
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.ended_at = 0.0
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn(*self.args, **self.kwargs)
-        except BaseException as exc:
-            self.error = exc
-        self.ended_at = time.monotonic()
-
-    def failure(self, timeout: float) -> BaseException:
-        self.join(timeout)
-        assert not self.is_alive(), f"the call did not end within {timeout:g}s"
-        assert self.error is not None, f"expected an error, got {self.result!r}"
-        return self.error
-
-
 # -- pickling the call (caller side) -----------------------------------------------------------
 @pytest.mark.timeout(20)
 def test_unpicklable_argument_fails_in_the_caller_before_any_runner_boots(
@@ -288,7 +264,7 @@ def test_runner_sigkilled_mid_call(crashable: Callable[..., flame.Pool], tmp_pat
         err = c.failure(10)
         assert isinstance(err, flame.RunnerLost), repr(err)
         assert "SIGKILL" in str(err)
-        assert c.ended_at - killed_at < 2.5, "the loss was noticed too late"
+        assert c.started_at + c.elapsed - killed_at < 2.5, "the loss was noticed too late"
     assert not any((d / "finished").exists() for d in dirs)
     _healthy(p)
     assert flame.call(p, getpid) != victim

@@ -332,8 +332,7 @@ class Pool:
                 if self._state == "new":
                     self.start()
                     return
-        if self._state != "started":
-            raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+        self._check_taking_calls()
 
     async def _aensure_started(self) -> None:
         if self._state == "started":
@@ -341,7 +340,7 @@ class Pool:
         if self._state == "new":
             await self.astart()
             return
-        raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+        self._check_taking_calls()
 
     def stop(self) -> None:
         """Stop taking calls, let in-flight work finish within ``shutdown_timeout``, and
@@ -476,13 +475,16 @@ class Pool:
     ) -> tuple[int, _Waiter]:
         w = _Waiter(loop)
         with self._lock:
-            if self._state != "started":
-                raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+            self._check_taking_calls()
             self._next_waiter += 1
             wid = self._next_waiter
             self._waiters[wid] = w
             self._apply(self._core.request(wid, deadline, time.monotonic()))
         return wid, w
+
+    def _check_taking_calls(self) -> None:
+        if self._state != "started":
+            raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
 
     def _give_up(self, wid: int, w: _Waiter) -> None:
         """The caller stopped waiting; give back a runner it was handed meanwhile."""
@@ -514,8 +516,7 @@ class Pool:
     def _take(self) -> BaseRunner | None:
         """A free slot at once, when nothing queues before us (the hot path), else None."""
         with self._lock:
-            if self._state != "started":
-                raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
+            self._check_taking_calls()
             rid = self._core.take(time.monotonic())
             if rid is None:
                 return None

@@ -295,22 +295,22 @@ class Listener:
 
     async def _handshake(self, sock: socket.socket) -> None:
         self.handshakes += 1
+        conn: _wire.Connection | None = None
         try:
-            async with asyncio.timeout(_wire.HANDSHAKE_TIMEOUT) as deadline:
-                if self.tls is not None:
+            async with asyncio.timeout(_wire.HANDSHAKE_TIMEOUT):
+                if self.tls is not None:  # closes the socket itself if it fails
                     sock.setblocking(False)
                     sock = await _tls.handshake(
                         sock, self.tls[0], server_side=True, timeout=_wire.HANDSHAKE_TIMEOUT
                     )
-        except (_tls.TLSError, TimeoutError):
-            self.handshakes -= 1
-            return
-        q = _wire.FrameQueue()
-        conn = _wire.Connection(
-            sock, self.loop, on_frame=q.on_frame, on_close=q.on_close, scratch=_PREAUTH_SCRATCH
-        )
-        try:
-            async with asyncio.timeout_at(deadline.when()):
+                q = _wire.FrameQueue()
+                conn = _wire.Connection(
+                    sock,
+                    self.loop,
+                    on_frame=q.on_frame,
+                    on_close=q.on_close,
+                    scratch=_PREAUTH_SCRATCH,
+                )
                 hello = await q.get(_wire.HELLO)
                 runner_id = str(hello.get("id", ""))
                 exp = self.expected.get(runner_id)
@@ -337,7 +337,8 @@ class Listener:
                 if not hmac.compare_digest(expected_proof.encode(), given):
                     raise _wire.ProtocolError("bad proof")
         except Exception:  # whatever the peer sent, a failed handshake closes the connection
-            conn.close("handshake failed")
+            if conn is not None:
+                conn.close("handshake failed")
             return
         finally:
             self.handshakes -= 1
@@ -549,28 +550,17 @@ class RemoteRunner(BaseRunner):
                 for kind, body in frames:
                     if kind == _wire.RESULT:
                         call_id, status = _wire.RESULT_HEAD.unpack_from(body, 0)
-                        p = self.pending.pop(call_id, None)
-                        if p is not None:
-                            p.resolve(status, body[_wire.RESULT_HEAD.size :], wakes)
+                        self._result(call_id, status, body[_wire.RESULT_HEAD.size :], wakes)
                     elif kind != _wire.PING:
                         rest.append((kind, body))
                 if wakes:
                     wake_all(wakes)
                 if rest:
-                    loop.call_soon_threadsafe(self._on_frames, conn, rest)
+                    loop.call_soon_threadsafe(conn.deliver, rest, self._on_frame)
         except RuntimeError:  # the loop is closed: the process is ending
             return
         finally:
             conn.reader_done()
-
-    def _on_frames(self, conn: _wire.Connection, frames: list[tuple[int, memoryview]]) -> None:
-        for kind, body in frames:
-            if conn.closed:
-                return
-            try:
-                self._on_frame(kind, body)
-            except _wire.ProtocolError as exc:
-                conn.close(f"protocol error: {exc}")
 
     def _on_frame(self, kind: int, body: memoryview) -> None:
         if kind == _wire.RESULT:
@@ -591,10 +581,10 @@ class RemoteRunner(BaseRunner):
         else:
             raise _wire.ProtocolError(f"unexpected message kind {kind} from a runner")
 
-    def _result(self, call_id: int, status: int, payload: Any) -> None:
+    def _result(self, call_id: int, status: int, payload: Any, wakes: Wakes | None = None) -> None:
         p = self.pending.pop(call_id, None)
         if p is not None:
-            p.resolve(status, payload)
+            p.resolve(status, payload, wakes)
 
     def _on_close(self, reason: str) -> None:
         self.pool._loop.create_task(self._lost(reason))

@@ -322,7 +322,7 @@ class Connection:
                 body = memoryview(bytes(memoryview(buf)[start : start + length]))
                 pos = start + length
                 if out is None:
-                    self._deliver(kind, body)
+                    self.deliver([(kind, body)])
                 else:
                     out.append((kind, body))
                 continue
@@ -352,13 +352,22 @@ class Connection:
             self._big_fill += n
         kind = self._big_kind
         self._big = None
-        self._deliver(kind, view)
+        self.deliver([(kind, view)])
 
-    def _deliver(self, kind: int, body: memoryview) -> None:
-        try:
-            self.on_frame(kind, body)
-        except ProtocolError as exc:
-            self.close(f"protocol error: {exc}")
+    def deliver(
+        self, frames: Sequence[tuple[int, memoryview]], handler: FrameHandler | None = None
+    ) -> None:
+        """Hand frames to ``handler`` (default: ``on_frame``) in order, on the loop thread,
+        until the connection closes; a :class:`ProtocolError` from it closes the connection.
+        Reader threads pass what the loop must handle through this."""
+        handle = handler or self.on_frame
+        for kind, body in frames:
+            if self.closed:
+                return
+            try:
+                handle(kind, body)
+            except ProtocolError as exc:
+                self.close(f"protocol error: {exc}")
 
     # -- reading in threads (after the handshake) ------------------------------------------
     def read_in_threads(self) -> None:
@@ -448,8 +457,7 @@ class Connection:
         of the write lock flushes, several frames per ``send`` when they pile up (so under
         load frames are batched). A large frame is written by this thread, which blocks
         until it is out (and so pays for its own backpressure)."""
-        if self.closed or self._ended is not None:
-            raise ConnectionError(self.close_reason or self._ended or "connection closed")
+        self._check_open()
         frame = self._frame(kind, parts)
         if _size(frame) <= _SMALL_FRAME:
             self._outbox.append(b"".join(frame))
@@ -500,9 +508,12 @@ class Connection:
             length += p.nbytes if isinstance(p, memoryview) else len(p)
         return [HEADER.pack(length, kind), *parts]
 
-    def _write(self, frame: list[bytes | memoryview]) -> None:
+    def _check_open(self) -> None:
         if self.closed or self._ended is not None:
             raise ConnectionError(self.close_reason or self._ended or "connection closed")
+
+    def _write(self, frame: list[bytes | memoryview]) -> None:
+        self._check_open()
         sock = self.sock
         if len(frame) == 1 or _size(frame) <= _SMALL_FRAME:
             # small frames (the common case): one buffer, one send(), no gather bookkeeping

@@ -238,7 +238,7 @@ class RunnerSession:
             for job, load in calls[:-1]:
                 self.executor.spawn(functools.partial(self.executor.run, job, load))
             if rest:
-                self.loop.call_soon_threadsafe(self._on_frames, rest)
+                self.loop.call_soon_threadsafe(conn.deliver, rest, self.on_frame)
             if calls:
                 return calls[-1]
 
@@ -253,44 +253,25 @@ class RunnerSession:
         )
         return job, _loader(body[_wire.CALL_HEAD.size :])
 
-    def _on_frames(self, frames: list[tuple[int, memoryview]]) -> None:
-        conn = self.conn
-        for kind, body in frames:
-            if conn is None or conn.closed:
-                return
-            try:
-                self.on_frame(kind, body)
-            except _wire.ProtocolError as exc:
-                conn.close(f"protocol error: {exc}")
-
     # -- frames (control loop) ----------------------------------------------------------------
     def on_frame(self, kind: int, body: memoryview) -> None:
         if kind == _wire.PING:
             return
         if kind == _wire.CALL:
-            call_id, flags, timeout = _wire.CALL_HEAD.unpack_from(body, 0)
-            payload = body[_wire.CALL_HEAD.size :]
+            call_id, flags, _ = _wire.CALL_HEAD.unpack_from(body, 0)
+            if not flags & _wire.FLAG_CHILD:
+                self.executor.spawn(functools.partial(self.executor.run, *self._take_call(body)))
+                return
             self._served += 1
-            load = _loader(payload)
-            link = bool(flags & _wire.FLAG_LINK)
-            if flags & _wire.FLAG_CHILD:
-                self.executor.place_child(
-                    call_id,
-                    load,
-                    link=link,
-                    on_built=functools.partial(self._reply, _wire.RESULT, call_id, "child"),
-                    on_exit=functools.partial(
-                        self._reply, _wire.CHILD_EXIT, call_id, "child's run() result"
-                    ),
-                )
-            else:
-                self.executor.start_call(
-                    call_id,
-                    load,
-                    timeout=None if timeout < 0 else timeout,
-                    link=link,
-                    on_done=functools.partial(self._reply, _wire.RESULT, call_id, "result"),
-                )
+            self.executor.place_child(
+                call_id,
+                _loader(body[_wire.CALL_HEAD.size :]),
+                link=bool(flags & _wire.FLAG_LINK),
+                on_built=functools.partial(self._reply, _wire.RESULT, call_id, "child"),
+                on_exit=functools.partial(
+                    self._reply, _wire.CHILD_EXIT, call_id, "child's run() result"
+                ),
+            )
         elif kind == _wire.CHILD_CALL:
             call_id, child_id, timeout = _wire.CHILD_CALL_HEAD.unpack_from(body, 0)
             load = _loader(body[_wire.CHILD_CALL_HEAD.size :])

@@ -201,12 +201,13 @@ class _Answer:
         headers: Mapping[str, str] | None = None,
         hang_up: bool = False,
         delay: float = 0.0,
+        echo: bool = False,
     ) -> None:
         self.status = status
         self.doc = doc
         self.headers = dict(headers or {})
         self.hang_up = hang_up
-        self.echo = False  # append the request body to the error message
+        self.echo = echo  # append the request body to the error message
         self.delay = delay
 
     @property
@@ -422,15 +423,18 @@ class FlyMachinesEmulator:
         request's body to the error message, as a validation error quoting the rejected
         config would (the client must not show it: it holds the runner's environment).
         """
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
         headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
         text = message or f"injected failure ({status})"
+        self._inject(
+            action, count, lambda: _Answer(status, {"error": text}, headers=headers, echo=echo)
+        )
+
+    def _inject(self, action: Action, count: int, answer: Callable[[], _Answer]) -> None:
+        """Queue ``count`` answers for the next requests of ``action``."""
+        if action not in _ACTIONS:
+            raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
         with self._lock:
-            for _ in range(count):
-                answer = _Answer(status, {"error": text}, headers=headers)
-                answer.echo = echo
-                self._injected[action].append(answer)
+            self._injected[action].extend(answer() for _ in range(count))
 
     def fail_next_creates(
         self,
@@ -447,20 +451,12 @@ class FlyMachinesEmulator:
     def hang_up_next(self, action: Action = "create", count: int = 1) -> None:
         """Carry out the next ``count`` requests of ``action``, then drop the connection
         without answering: the client cannot know whether it worked."""
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
-        with self._lock:
-            for _ in range(count):
-                self._injected[action].append(_Answer(0, hang_up=True))
+        self._inject(action, count, lambda: _Answer(0, hang_up=True))
 
     def slow_next(self, action: Action, seconds: float, count: int = 1) -> None:
         """Carry out the next ``count`` requests of ``action`` at once, but hold each answer
         back for ``seconds`` (a slow API, or a client that gives up while waiting)."""
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
-        with self._lock:
-            for _ in range(count):
-                self._injected[action].append(_Answer(0, delay=seconds))
+        self._inject(action, count, lambda: _Answer(0, delay=seconds))
 
     def never_dial_in(self, count: int = 1, *, mode: Literal["sleep", "nothing"] = "sleep") -> None:
         """Make the next ``count`` created machines never dial in.
