@@ -119,9 +119,9 @@ _CONFIGURABLE = (
 
 
 def _snapshot() -> dict[str, Any]:
-    from flame._api import _settings
+    from flame._settings import settings
 
-    values = dataclasses.asdict(_settings)
+    values = dataclasses.asdict(settings)
     return {k: values[k] for k in _CONFIGURABLE}
 
 

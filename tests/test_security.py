@@ -46,6 +46,7 @@ from flame import _serialize, _wire
 from flame._child._exits import ExitCode
 from flame._parent import LaunchInfo
 from flame._runner import Listener
+from flame._settings import RunnerConfig
 from helpers import wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller
@@ -64,6 +65,8 @@ from helpers.wire_tools import (
     wait_closed,
     with_secret,
 )
+
+CONFIG = RunnerConfig.current(idle_after=None, shutdown_timeout=1.0, single_use=False)
 
 PROMPT = 1.0  # "at once": well below the 5 s handshake timeout
 
@@ -84,7 +87,7 @@ def expected(listener: Listener) -> Iterator[tuple[str, bytes, Any]]:
     """A runner id the listener is expecting, its secret, and the future it resolves."""
     rid = f"sec-{os.urandom(4).hex()}"
     secret = os.urandom(32)
-    fut = listener.expect(rid, secret, {"k": "v"}, _serialize.dumps({"idle_check": None})[0])
+    fut = listener.expect(rid, secret, CONFIG, _serialize.dumps({"idle_check": None})[0])
     yield rid, secret, fut
     listener.forget(rid)
     if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -135,7 +138,7 @@ def _frames(data: bytes) -> list[int]:
 def _round_trip(listener: Listener) -> None:
     """A legitimate handshake end to end: everything queued on the loop before it has run."""
     rid, secret = f"sec-flush-{os.urandom(3).hex()}", os.urandom(32)
-    fut = listener.expect(rid, secret, {}, _serialize.dumps(None)[0])
+    fut = listener.expect(rid, secret, CONFIG, _serialize.dumps(None)[0])
     client = RawClient(listener.port, rid, secret)
     try:
         client.proof(client.hello())
@@ -220,7 +223,7 @@ def test_a_wrong_secret_fails_and_the_right_one_still_gets_in(
         alice.proof(challenge)
         kind, body = recv_frame(alice.sock) or (None, b"")
         assert kind == _wire.WELCOME
-        assert json.loads(body)["config"] == {"k": "v"}
+        assert json.loads(body)["config"] == CONFIG.to_json()
         wait_until(fut.done, 5)
         assert fut.exception() is None
 
@@ -256,7 +259,7 @@ def test_a_replayed_handshake_fails(listener: Listener, expected: tuple[str, byt
     wait_until(fut.done, 5)
     # the id is expected again (say the runner reconnects): replaying what was recorded on
     # the wire must not get in, since the parent picks a fresh nonce every time
-    again = listener.expect(rid, secret, {}, b"")
+    again = listener.expect(rid, secret, CONFIG, b"")
     eve = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
     with eve:
         eve.sendall(hello_bytes)

@@ -38,6 +38,7 @@ import flame
 from flame import _serialize, _wire
 from flame._child._exits import ExitCode
 from flame._runner import Listener
+from flame._settings import RunnerConfig
 from helpers import pid_alive, wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller
@@ -54,6 +55,8 @@ from helpers.wire_tools import (
     via,
     wait_closed,
 )
+
+CONFIG = RunnerConfig.current(idle_after=None, shutdown_timeout=1.0, single_use=False)
 
 FUZZ = settings(
     max_examples=60,
@@ -440,7 +443,7 @@ def _valid_hello(body: bytes) -> bool:
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Listener, Any, Path]]:
     lis = Listener.get("127.0.0.1")
-    fut = lis.expect(FUZZ_RUNNER_ID, os.urandom(32), {}, b"")
+    fut = lis.expect(FUZZ_RUNNER_ID, os.urandom(32), CONFIG, b"")
     marker = tmp_path_factory.mktemp("fuzz") / "unpickled"
     yield lis, fut, marker
     lis.forget(FUZZ_RUNNER_ID)
@@ -490,7 +493,7 @@ def test_fuzzed_handshakes_leave_the_listener_serving(
     # the listener still serves: a peer with the secret gets in
     secret = os.urandom(32)
     rid = "fuzz-runner-2"
-    ok = lis.expect(rid, secret, {"x": 1}, _serialize.dumps(None)[0])
+    ok = lis.expect(rid, secret, CONFIG, _serialize.dumps(None)[0])
     client = RawClient(lis.port, rid, secret)
     try:
         client.proof(client.hello())

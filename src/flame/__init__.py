@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._api import acall, aplace_child, call, cast, configure, place_child
+from ._api import acall, aplace_child, call, cast, place_child
 from ._calls import Child
 from ._errors import (
     BootError,
@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._parent import Parent, parent
 from ._pool import Pool, PoolStats
+from ._settings import configure
 from ._version import __version__
 from .backends import Backend, LocalBackend, ProcessBackend, RunnerHandle, RunnerLaunch
 

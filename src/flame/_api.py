@@ -1,124 +1,21 @@
-"""The module-level API: ``call``, ``acall``, ``cast``, ``place_child``, ``configure``.
+"""The module-level API: ``call``, ``acall``, ``cast``, ``place_child``, ``aplace_child``.
 
-Each function takes a pool object or a started pool's name and delegates to
-``flame._calls``. ``configure`` holds the process-wide settings: the default backend (else
-``FLAME_BACKEND``, else ``"local"``) and the heartbeat, failsafe and cancel-grace times.
+Each function takes a pool object or a pool's name and delegates to ``flame._calls``.
+(``configure`` lives in ``flame._settings``.)
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, TypeVarTuple
 
 from . import _calls
 from ._calls import Child
 from ._pool import Pool, lookup
 from ._sentinel import DEFAULT
-from .backends._base import Backend
 
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
-
-BACKEND_NAMES = ("local", "process", "fly", "kubernetes")
-
-
-@dataclass
-class _Settings:
-    backend: Backend | str | None = None
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 8.0
-    failsafe_timeout: float = 20.0
-    cancel_grace: float = 3.0
-    max_frame: int = 1 << 30
-
-
-_settings = _Settings()
-_UNSET: Any = object()
-
-
-def configure(
-    backend: Backend | str | None = _UNSET,
-    *,
-    heartbeat_interval: float = _UNSET,
-    heartbeat_timeout: float = _UNSET,
-    failsafe_timeout: float = _UNSET,
-    cancel_grace: float = _UNSET,
-) -> None:
-    """Set process-wide defaults for pools created afterwards.
-
-    Args:
-        backend: the default backend (an instance or one of ``"local"``, ``"process"``,
-            ``"fly"``, ``"kubernetes"``). Without it, ``FLAME_BACKEND`` picks, else
-            ``"local"``.
-        heartbeat_interval: seconds between heartbeats on each runner connection (1.0).
-        heartbeat_timeout: silence after which a peer is declared lost (8.0).
-        failsafe_timeout: a runner that has not reached its parent by then exits (20.0).
-        cancel_grace: how long cancelled work may take to stop before its runner exits (3.0).
-    """
-    if backend is not _UNSET:
-        if backend is not None and not isinstance(backend, Backend):
-            _check_name(backend, "backend")
-        _settings.backend = backend
-    for name, value in (
-        ("heartbeat_interval", heartbeat_interval),
-        ("heartbeat_timeout", heartbeat_timeout),
-        ("failsafe_timeout", failsafe_timeout),
-        ("cancel_grace", cancel_grace),
-    ):
-        if value is _UNSET:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
-        setattr(_settings, name, float(value))
-    if _settings.heartbeat_timeout <= _settings.heartbeat_interval:
-        raise ValueError(
-            f"heartbeat_timeout ({_settings.heartbeat_timeout}) must be larger than "
-            f"heartbeat_interval ({_settings.heartbeat_interval})"
-        )
-
-
-def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or name not in BACKEND_NAMES:
-        raise ValueError(
-            f"{what} must be a Backend or one of {', '.join(map(repr, BACKEND_NAMES))}; "
-            f"got {name!r}"
-        )
-    return name
-
-
-def resolve_backend(backend: Backend | str | None) -> Backend:
-    """A backend instance for a pool's ``backend`` option."""
-    if isinstance(backend, Backend):
-        return backend
-    if backend is None:
-        backend = _settings.backend
-        if isinstance(backend, Backend):
-            return backend
-    if backend is None:
-        env = os.environ.get("FLAME_BACKEND")
-        if env:
-            backend = _check_name(env.strip().lower(), "FLAME_BACKEND")
-        else:
-            backend = "local"
-    name = _check_name(backend, "backend")
-    if name == "local":
-        from .backends.local import LocalBackend
-
-        return LocalBackend()
-    if name == "process":
-        from .backends.process import ProcessBackend
-
-        return ProcessBackend()
-    if name == "fly":
-        from .backends.fly import FlyBackend
-
-        return FlyBackend()
-    from .backends.kubernetes import KubernetesBackend
-
-    backend_obj: Backend = KubernetesBackend()
-    return backend_obj
 
 
 def call(

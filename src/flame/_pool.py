@@ -27,6 +27,7 @@ from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
 from ._runner import BaseRunner, make_runner
 from ._sentinel import DEFAULT as _DEFAULT
+from ._settings import RunnerConfig, resolve_backend
 from .backends._base import Backend
 
 if TYPE_CHECKING:
@@ -163,8 +164,6 @@ class Pool:
         boot_ahead: int = 0,
         tls: bool = False,
     ) -> None:
-        from ._api import resolve_backend
-
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         for opt, val, low in (
@@ -248,10 +247,6 @@ class Pool:
         self._gone_event: asyncio.Event | None = None
         self._start_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop = _loop.get_loop()
-        from ._api import _settings
-
-        self._max_frame = _settings.max_frame
-        self._cancel_grace = _settings.cancel_grace
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -715,27 +710,13 @@ class Pool:
         values = [v for v in (self._idle_after, self.min_idle_shutdown_after) if v is not None]
         return min(values) if values else None
 
-    def _runner_config(self) -> dict[str, Any]:
-        interval, timeout = self._heartbeat()
-        return {
-            "heartbeat_interval": interval,
-            "heartbeat_timeout": timeout,
-            "idle_after": self._runner_idle_after(),
-            "shutdown_timeout": self.shutdown_timeout,
-            "single_use": self.single_use,
-            "cancel_grace": self._cancel_grace,
-            "max_frame": self._max_frame,
-        }
-
-    def _heartbeat(self) -> tuple[float, float]:
-        from ._api import _settings
-
-        return _settings.heartbeat_interval, _settings.heartbeat_timeout
-
-    def _runner_failsafe(self) -> float:
-        from ._api import _settings
-
-        return _settings.failsafe_timeout
+    def runner_config(self) -> RunnerConfig:
+        """What a runner booted now is told (see :class:`flame._settings.RunnerConfig`)."""
+        return RunnerConfig.current(
+            idle_after=self._runner_idle_after(),
+            shutdown_timeout=self.shutdown_timeout,
+            single_use=self.single_use,
+        )
 
     # -- logging ---------------------------------------------------------------------------------
     def _log(self, message: str) -> None:

@@ -44,6 +44,7 @@ from ._errors import (
     SerializationError,
 )
 from ._parent import LaunchInfo
+from ._settings import RunnerConfig, settings
 from .backends._base import Backend, RunnerHandle, RunnerLaunch
 
 if TYPE_CHECKING:
@@ -228,7 +229,7 @@ def _remote_exception(blob: bytes | None, type_name: str, message: str, tb: str)
 class _Expected:
     __slots__ = ("config", "extra", "future", "secret")
 
-    def __init__(self, secret: bytes, config: dict[str, Any], extra: bytes, loop: Any) -> None:
+    def __init__(self, secret: bytes, config: RunnerConfig, extra: bytes, loop: Any) -> None:
         self.secret = secret
         self.config = config
         self.extra = extra
@@ -274,7 +275,7 @@ class Listener:
         loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), self._accept)
 
     def expect(
-        self, runner_id: str, secret: bytes, config: dict[str, Any], extra: bytes
+        self, runner_id: str, secret: bytes, config: RunnerConfig, extra: bytes
     ) -> asyncio.Future[tuple[_wire.Connection, _wire.FrameQueue]]:
         exp = _Expected(secret, config, extra, self.loop)
         self.expected[runner_id] = exp
@@ -357,7 +358,7 @@ class Listener:
         q.welcomed = True
         conn.send_soon(
             _wire.WELCOME,
-            [_wire.json_body({"config": exp.config, "versions": _wire.local_versions()})],
+            [_wire.json_body({"config": exp.config.to_json(), "versions": _wire.local_versions()})],
         )
         conn.send_soon(_wire.CONFIG, [*_wire.section_parts(exp.extra, [])])
         conn.enlarge()
@@ -464,11 +465,12 @@ class RemoteRunner(BaseRunner):
             app=_app_spec(self.backend),
             sys_path=_opt_tuple(self.backend.runner_sys_path()),
             cwd=self.backend.runner_cwd(),
-            failsafe=pool._runner_failsafe(),
+            failsafe=settings.failsafe_timeout,
             tls_fingerprint=listener.tls[1] if listener.tls is not None else None,
         )
         extra, _ = _serialize.dumps({"idle_check": pool._idle_check})
-        connected = listener.expect(self.runner_id, secret, pool._runner_config(), extra)
+        config = pool.runner_config()
+        connected = listener.expect(self.runner_id, secret, config, extra)
         encoded = info.encode()
         # never shown, even if a platform echoes the request in an error (Kubernetes keeps
         # Secret data base64-encoded once more)
@@ -525,11 +527,10 @@ class RemoteRunner(BaseRunner):
         self.conn = conn
         conn.on_frame = self._on_frame
         conn.on_close = self._on_close
-        conn.max_frame = pool._max_frame
+        conn.max_frame = config.max_frame
         for kind, body in q.later:
             self._on_frame(kind, body)
-        hb_interval, hb_timeout = pool._heartbeat()
-        conn.start_heartbeats(hb_interval, hb_timeout)
+        conn.start_heartbeats(config.heartbeat_interval, config.heartbeat_timeout)
         conn.read_in_threads()
         threading.Thread(
             target=self._read_loop, args=(conn,), name=f"flame-reader-{self.rid}", daemon=True
@@ -735,7 +736,7 @@ class LocalRunner(BaseRunner):
             self.loop,
             on_change=self._on_change,
             on_stuck=self._on_stuck,
-            cancel_grace=self.pool._cancel_grace,
+            cancel_grace=settings.cancel_grace,
         )
         self.executor.notify_idle = True  # local runners keep their idle timer event-driven
         self._on_change()

@@ -31,6 +31,7 @@ from typing import Any
 from .. import _serialize, _wire
 from .._errors import SerializationError
 from .._parent import LaunchInfo
+from .._settings import RunnerConfig
 from ._executor import Executor, Outcome
 from ._exits import ExitCode
 
@@ -103,20 +104,20 @@ def _qualname(t: type) -> str:
 class RunnerSession:
     """Serves one authenticated connection until an exit rule fires."""
 
-    def __init__(self, info: LaunchInfo, config: dict[str, Any]) -> None:
+    def __init__(self, info: LaunchInfo, config: RunnerConfig) -> None:
         self.info = info
         self.loop = asyncio.get_running_loop()
         self.config = config
-        self.idle_after: float | None = config.get("idle_after")
-        self.shutdown_timeout: float | None = config.get("shutdown_timeout")
-        self.single_use = bool(config.get("single_use"))
+        self.idle_after = config.idle_after
+        self.shutdown_timeout = config.shutdown_timeout
+        self.single_use = config.single_use
         self.idle_check: Any = None
         self.done: asyncio.Future[ExitCode] = self.loop.create_future()
         self.executor = Executor(
             self.loop,
             on_change=self._on_change,
             on_stuck=self._on_stuck,
-            cancel_grace=float(config.get("cancel_grace", 3.0)),
+            cancel_grace=config.cancel_grace,
         )
         self.conn: _wire.Connection | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -449,7 +450,7 @@ def _loader(payload: memoryview) -> Any:
 
 async def handshake(
     sock: socket.socket, info: LaunchInfo
-) -> tuple[_wire.Connection, _wire.FrameQueue, dict[str, Any]]:
+) -> tuple[_wire.Connection, _wire.FrameQueue, RunnerConfig]:
     loop = asyncio.get_running_loop()
     q = _wire.FrameQueue()
     conn = _wire.Connection(sock, loop, on_frame=q.on_frame, on_close=q.on_close)
@@ -475,7 +476,12 @@ async def handshake(
     except (_wire.ProtocolError, TimeoutError, ValueError, KeyError) as exc:
         conn.close("handshake failed")
         raise _Exit(ExitCode.AUTH_FAILED, f"handshake with the parent failed: {exc}") from None
-    return conn, q, dict(welcome.get("config") or {})
+    try:
+        config = RunnerConfig.from_json(welcome.get("config"))
+    except (TypeError, ValueError) as exc:
+        conn.close("bad configuration")
+        raise _Exit(ExitCode.AUTH_FAILED, f"the parent's WELCOME is malformed: {exc}") from None
+    return conn, q, config
 
 
 async def _secure(sock: socket.socket, info: LaunchInfo) -> socket.socket:
@@ -506,16 +512,13 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         return int(exc.code)
     on_connected()
     session = RunnerSession(info, config)
-    conn.max_frame = int(config.get("max_frame", _wire.DEFAULT_MAX_FRAME))
+    conn.max_frame = config.max_frame
     conn.on_frame = session.on_frame
     conn.on_close = session.on_close
     session.conn = conn
     for kind, body in q.later:
         session.on_frame(kind, body)
-    conn.start_heartbeats(
-        float(config.get("heartbeat_interval", _wire.DEFAULT_HEARTBEAT_INTERVAL)),
-        float(config.get("heartbeat_timeout", _wire.DEFAULT_HEARTBEAT_TIMEOUT)),
-    )
+    conn.start_heartbeats(config.heartbeat_interval, config.heartbeat_timeout)
     session.start_ticking()
     conn.read_in_threads()
     session._start_watch(conn)

@@ -19,8 +19,6 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-import flame
-
 from .._child._exits import describe_exit
 from .._errors import BootError
 from ._base import Backend, RunnerHandle, RunnerLaunch
@@ -135,7 +133,7 @@ class ProcessBackend(Backend):
         env.update(self.env)
         env.update(launch.env)
         # make sure `-m flame` resolves to this flame, installed or not
-        here = os.path.dirname(os.path.dirname(os.path.abspath(flame.__file__)))
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
         argv = (
             [self.python, *launch.argv[1:]] if launch.argv[:1] == ("python",) else list(launch.argv)
