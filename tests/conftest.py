@@ -1,10 +1,17 @@
 """Shared fixtures: one behavioural suite, every backend.
 
-* ``backend_id`` / ``make_backend`` / ``backend``: parametrized over :data:`BACKENDS`, so a
-  test (or a module-scoped pool fixture) written once runs on each backend. A new backend is
-  one entry in :data:`BACKENDS`: a factory that receives the module's ``ExitStack`` (to start
-  an emulator once per module and have it closed afterwards) and returns a *fresh* backend
-  instance on each call (a pool closes its backend when it stops).
+* ``backend_id`` / ``make_backend`` / ``backend``: parametrized over the selected backends,
+  so a test (or a module-scoped pool fixture) written once runs on each backend. A new
+  backend is one entry in :data:`BACKENDS` (or, for one that needs a real service,
+  :data:`PLATFORMS`): a factory that receives the module's and the session's ``ExitStack``
+  (to start an emulator once per module, or a real service once per session, and have it
+  closed afterwards) and returns a *fresh* backend instance on each call (a pool closes its
+  backend when it stops).
+* ``FLAME_TEST_BACKENDS`` (comma-separated ids) selects the backends; by default the fast
+  ones of :data:`BACKENDS`. The platform tiers (``.ci/run``) select a platform of
+  :data:`PLATFORMS`, which skips with the reason when its service cannot start here;
+  ``FLAME_SKIP_IS_FAILURE=1`` (set by CI) turns every skip into a failure, so a tier can
+  never silently stop running.
 * ``flame_defaults``: restores every ``flame.configure`` setting after the test.
 * ``runner_pids``: a set a test fills with the pids its runners reported; at teardown each
   of them must be gone.
@@ -26,32 +33,42 @@ import pytest
 import flame
 from helpers import assert_pids_gone, runner_pids
 
-BackendFactory = Callable[[contextlib.ExitStack], Callable[[], flame.Backend]]
+
+@dataclasses.dataclass(frozen=True)
+class Stacks:
+    """Where a backend factory registers what must be closed: after the module, or at the
+    end of the session (a real service, started once)."""
+
+    module: contextlib.ExitStack
+    session: contextlib.ExitStack
 
 
-def _local(stack: contextlib.ExitStack) -> Callable[[], flame.Backend]:
+BackendFactory = Callable[[Stacks], Callable[[], flame.Backend]]
+
+
+def _local(stacks: Stacks) -> Callable[[], flame.Backend]:
     return lambda: flame.LocalBackend(serialize=True)
 
 
-def _process(stack: contextlib.ExitStack) -> Callable[[], flame.Backend]:
+def _process(stacks: Stacks) -> Callable[[], flame.Backend]:
     return flame.ProcessBackend
 
 
-#: backend id -> factory. A factory is called once per test module with the module's
-#: ExitStack and returns a callable that makes a fresh backend instance. E.g. for an emulator:
+#: backend id -> factory. A factory is called once per test module and returns a callable
+#: that makes a fresh backend instance. E.g. for an emulator:
 #:
-#:     def _fly(stack):
-#:         emu = stack.enter_context(FlyMachinesEmulator(...))
+#:     def _fly(stacks):
+#:         emu = stacks.module.enter_context(FlyMachinesEmulator(...))
 #:         return lambda: flame.FlyBackend(host=emu.url, token=..., ...)
 def _image_env() -> dict[str, str]:
     # "what is in the image": the emulated machines and pods see our code on PYTHONPATH
     return {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
-def _fly(stack: contextlib.ExitStack) -> Callable[[], flame.Backend]:
+def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
     from flame.testing.fly import FlyMachinesEmulator
 
-    emu = stack.enter_context(
+    emu = stacks.module.enter_context(
         FlyMachinesEmulator(token="test-token", app="flame-tests", extra_env=_image_env())
     )
     return lambda: flame.FlyBackend(
@@ -65,10 +82,10 @@ def _fly(stack: contextlib.ExitStack) -> Callable[[], flame.Backend]:
     )
 
 
-def _kubernetes(stack: contextlib.ExitStack) -> Callable[[], flame.Backend]:
+def _kubernetes(stacks: Stacks) -> Callable[[], flame.Backend]:
     from flame.testing.kubernetes import KubernetesAPIEmulator
 
-    emu = stack.enter_context(KubernetesAPIEmulator(env=_image_env()))
+    emu = stacks.module.enter_context(KubernetesAPIEmulator(env=_image_env()))
     emu.add_parent_pod("flame-parent")
     return lambda: flame.KubernetesBackend(
         kubeconfig=emu.kubeconfig,
@@ -85,21 +102,51 @@ BACKENDS: dict[str, BackendFactory] = {
     "kubernetes": _kubernetes,
 }
 
+#: backends that need a real service (a platform tier of ``.ci/run``), selected only by
+#: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
+#: service cannot start here
+PLATFORMS: dict[str, BackendFactory] = {}
+
+
+def selected_backends() -> list[str]:
+    chosen = os.environ.get("FLAME_TEST_BACKENDS", "")
+    if not chosen.strip():
+        return list(BACKENDS)
+    ids = [b.strip() for b in chosen.split(",") if b.strip()]
+    unknown = [b for b in ids if b not in BACKENDS and b not in PLATFORMS]
+    if unknown:
+        raise pytest.UsageError(
+            f"FLAME_TEST_BACKENDS names unknown backends {unknown}; known: "
+            f"{sorted(BACKENDS) + sorted(PLATFORMS)}"
+        )
+    return ids
+
+
 #: ids of backends whose "runners" live inside the test process (no runner process, no
 #: flame.parent(), and a crash there would take pytest down)
 IN_PROCESS = {"local"}
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=selected_backends())
 def backend_id(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="module")
-def make_backend(backend_id: str) -> Iterator[Callable[[], flame.Backend]]:
-    """Makes fresh instances of the parametrized backend (module-scoped)."""
+@pytest.fixture(scope="session")
+def session_stack() -> Iterator[contextlib.ExitStack]:
+    """Closed at the end of the session: real services started once for every module."""
     with contextlib.ExitStack() as stack:
-        yield BACKENDS[backend_id](stack)
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def make_backend(
+    backend_id: str, session_stack: contextlib.ExitStack
+) -> Iterator[Callable[[], flame.Backend]]:
+    """Makes fresh instances of the parametrized backend (module-scoped)."""
+    factory = BACKENDS.get(backend_id) or PLATFORMS[backend_id]
+    with contextlib.ExitStack() as stack:
+        yield factory(Stacks(module=stack, session=session_stack))
 
 
 @pytest.fixture
@@ -158,3 +205,18 @@ def _no_runner_outlives_its_module() -> Iterator[None]:
     leaked = runner_pids() - before
     if leaked:
         assert_pids_gone(leaked, 10.0, what="flame runner (leaked by this module)")
+
+
+# -- platform tiers: a skip is a failure where CI says so ------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if (
+        os.environ.get("FLAME_SKIP_IS_FAILURE") == "1"
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and FLAME_SKIP_IS_FAILURE=1 forbids skips here: {reason}"

@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,10 +60,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
+
+from ._http import EmulatorServer, Handler
 
 __all__ = ["EmulatedMachine", "FlyMachinesEmulator", "RecordedRequest"]
 
@@ -220,61 +220,6 @@ def _error(status: int, message: str) -> _Answer:
     return _Answer(status, {"error": message})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, emulator: FlyMachinesEmulator) -> None:
-        self.emulator = emulator
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Quiet about clients that went away; loud about anything else."""
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-    def drop_connections(self) -> None:
-        with self.connections_lock:
-            live = list(self.connections)
-        for sock in live:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: requests are recorded, not printed."""
-
-    def do_GET(self) -> None:
-        self.server.emulator._serve(self, "GET")
-
-    def do_POST(self) -> None:
-        self.server.emulator._serve(self, "POST")
-
-    def do_DELETE(self) -> None:
-        self.server.emulator._serve(self, "DELETE")
-
-    def do_PUT(self) -> None:
-        self.server.emulator._serve(self, "PUT")
-
-
 class FlyMachinesEmulator:
     """A local Fly Machines API that starts each machine's command as a real process.
 
@@ -331,8 +276,7 @@ class FlyMachinesEmulator:
         self._requests: list[RecordedRequest] = []
         self._injected: dict[str, deque[_Answer]] = {a: deque() for a in _ACTIONS}
         self._silent: deque[str] = deque()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: EmulatorServer | None = None
         self._logdir: str | None = None
         self._closed = False
 
@@ -351,14 +295,7 @@ class FlyMachinesEmulator:
             raise RuntimeError("FlyMachinesEmulator was closed; make a new one")
         if self._server is None:
             self._logdir = tempfile.mkdtemp(prefix="flame-fly-emulator-")
-            self._server = _Server(self)
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name="flame-fly-emulator",
-                daemon=True,
-            )
-            self._thread.start()
+            self._server = EmulatorServer(self._serve, "flame-fly-emulator").start()
         return self
 
     def close(self) -> None:
@@ -378,11 +315,7 @@ class FlyMachinesEmulator:
                 machine.watcher.join(timeout=10)
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
-            server.drop_connections()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            server.close()
         if self._logdir is not None:
             shutil.rmtree(self._logdir, ignore_errors=True)
 
@@ -402,7 +335,7 @@ class FlyMachinesEmulator:
         """Base URL to give ``FlyBackend(host=...)``."""
         if self._server is None:
             raise RuntimeError("FlyMachinesEmulator is not started")
-        port = self._server.server_address[1]
+        port = self._server.port
         return f"http://127.0.0.1:{port}"
 
     # -- failure injection -----------------------------------------------------------------
@@ -549,13 +482,10 @@ class FlyMachinesEmulator:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _serve(self, handler: _Handler, method: str) -> None:
+    def _serve(self, handler: Handler, method: str) -> None:
         url = urlsplit(handler.path)
         query = dict(parse_qsl(url.query))
-        raw = b""
-        length = int(handler.headers.get("Content-Length") or 0)
-        if length:
-            raw = handler.rfile.read(length)
+        raw = handler.read_body()
         body: Any = None
         bad_json = False
         if raw:
@@ -589,21 +519,12 @@ class FlyMachinesEmulator:
             )
             self._cond.notify_all()
         if answer.hang_up:
-            handler.close_connection = True
-            try:
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            handler.hang_up()
             return
-        payload = json.dumps(answer.doc if answer.doc is not None else {}).encode()
         try:
-            handler.send_response(answer.status)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(payload)))
-            for key, value in answer.headers.items():
-                handler.send_header(key, value)
-            handler.end_headers()
-            handler.wfile.write(payload)
+            handler.send_json(
+                answer.status, answer.doc if answer.doc is not None else {}, answer.headers
+            )
         except OSError:
             handler.close_connection = True
 

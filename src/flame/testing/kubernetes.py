@@ -42,7 +42,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,9 +51,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from ._http import EmulatorServer, Handler
 
 __all__ = ["KubernetesAPIEmulator"]
 
@@ -217,105 +217,6 @@ class _Container:
             os.killpg(self.proc.pid, sig)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], emulator: KubernetesAPIEmulator) -> None:
-        self.emulator = emulator
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError | ValueError):
-            return  # a client went away mid-request: nothing to report
-        super().handle_error(request, client_address)
-
-    def drop_connections(self) -> None:
-        with self.connections_lock:
-            conns = list(self.connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-    timeout = 120
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the emulator never logs requests (they carry a bearer token)."""
-
-    def do_GET(self) -> None:
-        self.server.emulator._handle(self, "GET")
-
-    def do_POST(self) -> None:
-        self.server.emulator._handle(self, "POST")
-
-    def do_PATCH(self) -> None:
-        self.server.emulator._handle(self, "PATCH")
-
-    def do_PUT(self) -> None:
-        self.server.emulator._handle(self, "PUT")
-
-    def do_DELETE(self) -> None:
-        self.server.emulator._handle(self, "DELETE")
-
-    # -- helpers used by the emulator ------------------------------------------------------
-    def read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    responded = False
-
-    def send_json(self, code: int, doc: JSON) -> None:
-        body = json.dumps(doc).encode()
-        self.responded = True
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def send_text(self, code: int, text: str) -> None:
-        body = text.encode()
-        self.responded = True
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def start_stream(self) -> None:
-        self.responded = True
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def send_chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def end_stream(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-
-
 class KubernetesAPIEmulator:
     """An emulated Kubernetes API server that runs each Pod as a local process.
 
@@ -373,8 +274,7 @@ class KubernetesAPIEmulator:
         self._rules: list[_Rule] = []
         self._threads: list[threading.Thread] = []
         self._closing = False
-        self._server: _Server | None = None
-        self._server_thread: threading.Thread | None = None
+        self._server: EmulatorServer | None = None
         self._tmpdir: str | None = None
         self._random = random.Random()
 
@@ -384,14 +284,7 @@ class KubernetesAPIEmulator:
         if self._server is not None:
             return self
         self._tmpdir = tempfile.mkdtemp(prefix="flame-k8s-emulator-")
-        self._server = _Server(("127.0.0.1", 0), self)
-        self._server_thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="k8s-emulator-http",
-            daemon=True,
-        )
-        self._server_thread.start()
+        self._server = EmulatorServer(self._handle, "k8s-emulator-http").start()
         self._write_kubeconfig()
         return self
 
@@ -411,11 +304,7 @@ class KubernetesAPIEmulator:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 c.proc.wait(timeout=5)
         if self._server is not None:
-            self._server.shutdown()
-            self._server.drop_connections()
-            self._server.server_close()
-        if self._server_thread is not None:
-            self._server_thread.join(timeout=5)
+            self._server.close()
         for t in list(self._threads):
             t.join(timeout=5)
         if self._tmpdir is not None:
@@ -438,7 +327,7 @@ class KubernetesAPIEmulator:
         """The server's base URL (``http://127.0.0.1:PORT``)."""
         if self._server is None:
             return "http://127.0.0.1:0"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self._server.port}"
 
     @property
     def kubeconfig(self) -> str:
@@ -1236,8 +1125,7 @@ class KubernetesAPIEmulator:
                 kind=resource,
             )
 
-    def _handle(self, req: _Handler, method: str) -> None:
-        req.responded = False  # one handler serves every request of a keep-alive connection
+    def _handle(self, req: Handler, method: str) -> None:
         try:
             url = urlsplit(req.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -1258,7 +1146,7 @@ class KubernetesAPIEmulator:
             req.send_json(500, _status(500, "InternalError", message))
 
     def _route(
-        self, req: _Handler, method: str, parts: list[str], query: dict[str, str], body: bytes
+        self, req: Handler, method: str, parts: list[str], query: dict[str, str], body: bytes
     ) -> None:
         if parts in (["api"], ["version"]):
             doc: JSON = (
@@ -1367,7 +1255,7 @@ class KubernetesAPIEmulator:
             }
 
     def _serve_watch(
-        self, req: _Handler, resource: str, ns: str | None, query: Mapping[str, str]
+        self, req: Handler, resource: str, ns: str | None, query: Mapping[str, str]
     ) -> None:
         match = self._matcher(query)
         timeout = float(query.get("timeoutSeconds") or 1800)
@@ -1421,7 +1309,7 @@ class KubernetesAPIEmulator:
         except OSError:
             req.close_connection = True
 
-    def _serve_log(self, req: _Handler, ns: str, name: str, query: Mapping[str, str]) -> None:
+    def _serve_log(self, req: Handler, ns: str, name: str, query: Mapping[str, str]) -> None:
         with self._lock:
             pod = self._get("pods", ns, name)
             container = self._containers.get(pod["metadata"]["uid"])
