@@ -25,7 +25,7 @@ import pytest
 import flame
 import flame.backends.fly as fly_module
 from flame import BootError, RunnerLaunch
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from flame._parent import LaunchInfo
 from flame.backends.fly import FlyBackend, FlyMachineHandle
 from flame.testing.fly import FlyMachinesEmulator

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 import flame
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from helpers import pid_alive, wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller

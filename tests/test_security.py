@@ -43,7 +43,7 @@ import pytest
 
 import flame
 from flame import _serialize, _wire
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from flame._parent import LaunchInfo
 from flame._runner import Listener
 from flame._settings import RunnerConfig

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import flame
 from flame import _serialize, _wire
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from flame._runner import Listener
 from flame._settings import RunnerConfig
 from helpers import pid_alive, wait_until

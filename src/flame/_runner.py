@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import _redact, _serialize, _tls, _wire
 from ._child._executor import Executor, Outcome
-from ._child._exits import ExitCode, describe_exit
 from ._errors import (
     BootError,
     CallTimeout,
@@ -43,6 +42,7 @@ from ._errors import (
     RunnerLost,
     SerializationError,
 )
+from ._exits import ExitCode, describe_exit
 from ._parent import LaunchInfo
 from ._settings import RunnerConfig, settings
 from .backends._base import Backend, RunnerHandle, RunnerLaunch

@@ -22,8 +22,8 @@ import threading
 import time
 import traceback
 
+from .._exits import ExitCode
 from .._parent import LaunchInfo, Parent, _set_current
-from ._exits import ExitCode
 
 
 def _exit(code: int) -> None:

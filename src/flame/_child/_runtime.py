@@ -30,10 +30,10 @@ from typing import Any
 
 from .. import _serialize, _wire
 from .._errors import SerializationError
+from .._exits import ExitCode
 from .._parent import LaunchInfo
 from .._settings import RunnerConfig
 from ._executor import Executor, Outcome
-from ._exits import ExitCode
 
 _CONNECT_ATTEMPT_TIMEOUT = 3.0
 _TICK = 0.1  # seconds between the terminator's periodic checks

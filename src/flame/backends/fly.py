@@ -40,8 +40,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import _redact
-from .._child._exits import describe_exit
 from .._errors import BootError
+from .._exits import describe_exit
 from .._version import __version__
 from ._base import Backend, RunnerHandle, RunnerLaunch
 

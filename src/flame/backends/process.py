@@ -19,8 +19,8 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 
-from .._child._exits import describe_exit
 from .._errors import BootError
+from .._exits import describe_exit
 from ._base import Backend, RunnerHandle, RunnerLaunch
 
 _TAIL_LINES = 40

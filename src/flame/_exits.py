@@ -1,4 +1,5 @@
-"""Exit codes of a runner process, one per reason, so a parent (or an operator) can tell why.
+"""Exit codes of a runner, one per reason, so a parent (or an operator) can tell why; used by
+the runner to exit and by the parent and the backends to describe an exit.
 
 The codes flame chooses itself sit in the 200s, away from the small codes applications use
 (``os._exit(3)`` in user code must not read as "idle shutdown" in an error message).
