@@ -18,22 +18,26 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from . import _loop, _scaling, _tls
+from . import _calls, _loop, _scaling, _tls
+from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
-from ._runner import BaseRunner, make_runner
+from ._runner import Runner, RunnerSpec
 from ._sentinel import DEFAULT as _DEFAULT
-from ._settings import RunnerConfig, resolve_backend
+from ._settings import resolve_backend, settings
+from ._wire import RunnerConfig
 from .backends._base import Backend
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ._calls import Child
+T = TypeVar("T")
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("flame")
 
@@ -63,7 +67,7 @@ class _Waiter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.done = False
-        self.runner: BaseRunner | None = None
+        self.runner: Runner | None = None
         self.error: BaseException | None = None
         self._loop = loop
         self._fut: asyncio.Future[None] | None = None
@@ -83,7 +87,7 @@ class _Waiter:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(_set_none, fut)
 
-    def assign(self, runner: BaseRunner) -> None:
+    def assign(self, runner: Runner) -> None:
         self.runner = runner
         self._set()
 
@@ -236,7 +240,7 @@ class Pool:
             min_idle_shutdown_after=self.min_idle_shutdown_after,
             boot_ahead=boot_ahead,
         )
-        self._runners: dict[int, BaseRunner] = {}
+        self._runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._boot_tasks: dict[int, asyncio.Task[None]] = {}
         self._next_waiter = 0
@@ -319,7 +323,7 @@ class Pool:
                 ) from error
         self._log(f"pool {self.name!r} started ({self.backend.name} backend)")
 
-    def _ensure_started(self) -> None:
+    def ensure_started(self) -> None:
         if self._state == "started":
             return
         if self._state == "new":
@@ -329,7 +333,7 @@ class Pool:
                     return
         self._check_taking_calls()
 
-    async def _aensure_started(self) -> None:
+    async def aensure_started(self) -> None:
         if self._state == "started":
             return
         if self._state == "new":
@@ -381,7 +385,7 @@ class Pool:
         try:
             await self.backend.aclose()
         except Exception as exc:
-            self._log_error(f"backend close failed: {exc!r}")
+            self.log_error(f"backend close failed: {exc!r}")
         self._state = "stopped"
         self._stopped.set()
         self._log(f"pool {self.name!r} stopped")
@@ -405,64 +409,77 @@ class Pool:
 
     # -- calls (the same as the module-level functions) -------------------------------------------
     def call(
-        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
-    ) -> Any:
+        self,
+        fn: Callable[[*Ts], R],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
+    ) -> R:
         """Run ``fn(*args)`` on a runner and return its result (see :func:`flame.call`)."""
-        from ._calls import call
-
-        return call(self, fn, args, timeout, link)
+        result: R = _calls.call(self, fn, args, timeout, link)
+        return result
 
     async def acall(
-        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
-    ) -> Any:
+        self,
+        fn: Callable[[*Ts], R] | Callable[[*Ts], Awaitable[R]],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
+    ) -> R:
         """The asyncio form of :meth:`call` (see :func:`flame.acall`)."""
-        from ._calls import acall
+        result: R = await _calls.acall(self, fn, args, timeout, link)
+        return result
 
-        return await acall(self, fn, args, timeout, link)
-
-    def cast(self, fn: Callable[..., Any], /, *args: Any, link: bool = True) -> None:
+    def cast(self, fn: Callable[[*Ts], Any], /, *args: *Ts, link: bool = True) -> None:
         """Run ``fn(*args)`` on a runner without waiting (see :func:`flame.cast`)."""
-        from ._calls import cast
-
-        cast(self, fn, args, link)
+        _calls.cast(self, fn, args, link)
 
     def place_child(
-        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+        self,
+        factory: Callable[[*Ts], Any],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
     ) -> Child:
         """Build ``factory(*args)`` on a runner and keep it there (see
         :func:`flame.place_child`)."""
-        from ._calls import place_child
-
-        return place_child(self, factory, args, timeout, link)
+        return _calls.place_child(self, factory, args, timeout, link)
 
     async def aplace_child(
-        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+        self,
+        factory: Callable[[*Ts], Any],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
     ) -> Child:
         """The asyncio form of :meth:`place_child`."""
-        from ._calls import aplace_child
-
-        return await aplace_child(self, factory, args, timeout, link)
+        return await _calls.aplace_child(self, factory, args, timeout, link)
 
     def map(
-        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
-    ) -> Iterator[Any]:
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, timeout: float | None = None
+    ) -> Iterator[R]:
         """Yield ``fn(item)`` for each item, in order, spread over the pool's runners.
 
         At most ``max * max_concurrency`` items (256 at most) are in flight at once. An
         item's exception is raised when that item is reached. ``timeout`` bounds the whole
         map, from this call on.
         """
-        from ._calls import map_
-
-        return map_(self, fn, iterable, timeout)
+        return _calls.map_(self, fn, iterable, timeout)
 
     def amap(
-        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
-    ) -> AsyncIterator[Any]:
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, timeout: float | None = None
+    ) -> AsyncIterator[R]:
         """The asyncio form of :meth:`map`: an async iterator of results, in order."""
-        from ._calls import amap
+        return _calls.amap(self, fn, iterable, timeout)
 
-        return amap(self, fn, iterable, timeout)
+    @property
+    def pickles_calls(self) -> bool:
+        """Whether calls to this pool are pickled (its backend's runners need it)."""
+        return self.backend.pickles_calls
 
     # -- checkout ---------------------------------------------------------------------------------
     def _enqueue(
@@ -489,9 +506,9 @@ class Pool:
                 self._apply(self._core.withdraw(wid, time.monotonic()))
                 return
         if w.runner is not None:
-            self._release(w.runner)
+            self.release(w.runner)
 
-    def _outcome(self, w: _Waiter) -> BaseRunner:
+    def _outcome(self, w: _Waiter) -> Runner:
         if w.runner is not None:
             return w.runner
         if w.error is not None:
@@ -508,7 +525,7 @@ class Pool:
             f"{booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
         )
 
-    def _take(self) -> BaseRunner | None:
+    def _take(self) -> Runner | None:
         """A free slot at once, when nothing queues before us (the hot path), else None."""
         with self._lock:
             self._check_taking_calls()
@@ -520,7 +537,7 @@ class Pool:
                 self._apply(self._core.release(rid, time.monotonic()))
             return runner
 
-    def checkout(self, deadline: float | None) -> BaseRunner:
+    def checkout(self, deadline: float | None) -> Runner:
         """Block until a runner slot is ours (sync callers)."""
         runner = self._take()
         if runner is not None:
@@ -539,7 +556,7 @@ class Pool:
                     raise self._timeout_error()
         return self._outcome(w)
 
-    async def acheckout(self, deadline: float | None) -> BaseRunner:
+    async def acheckout(self, deadline: float | None) -> Runner:
         """Await a runner slot (asyncio callers)."""
         runner = self._take()
         if runner is not None:
@@ -575,7 +592,7 @@ class Pool:
                 if waiter is not None:
                     waiter.fail(self._fail_error(a))
             elif isinstance(a, _scaling.Boot):
-                runner = make_runner(self, a.runner, self.backend)
+                runner = Runner(self, a.runner, self._runner_spec())
                 self._runners[a.runner] = runner
                 self._loop.call_soon_threadsafe(self._start_boot, runner)
             elif isinstance(a, _scaling.Retire):
@@ -605,11 +622,11 @@ class Pool:
         return err
 
     # -- loop-thread handlers ----------------------------------------------------------------
-    def _start_boot(self, runner: BaseRunner) -> None:
+    def _start_boot(self, runner: Runner) -> None:
         task = self._loop.create_task(self._boot(runner))
         self._boot_tasks[runner.rid] = task
 
-    async def _boot(self, runner: BaseRunner) -> None:
+    async def _boot(self, runner: Runner) -> None:
         started = time.monotonic()
         try:
             await runner.boot()
@@ -645,12 +662,13 @@ class Pool:
         runner.shutdown()
         self._loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
 
-    def _force(self, runner: BaseRunner) -> None:
+    def _force(self, runner: Runner) -> None:
         if not runner.gone and self._runners.get(runner.rid) is runner:
-            self._log_error(f"{runner.describe()} did not stop in time; killing it")
+            self.log_error(f"{runner.describe()} did not stop in time; killing it")
             self._loop.create_task(runner.kill())
 
-    async def _runner_gone(self, runner: BaseRunner, message: str) -> None:
+    async def runner_gone(self, runner: Runner, message: str) -> None:
+        """``runner`` is gone: forget it and let the core replace it (loop thread)."""
         with self._lock:
             if self._runners.get(runner.rid) is runner:
                 del self._runners[runner.rid]
@@ -665,7 +683,8 @@ class Pool:
         if self._gone_event is not None:
             self._gone_event.set()
 
-    def _release(self, runner: BaseRunner) -> None:
+    def release(self, runner: Runner) -> None:
+        """A call or child on ``runner`` ended: its slot is free (any thread)."""
         with self._lock:
             self._apply(self._core.release(runner.rid, time.monotonic()))
 
@@ -673,7 +692,8 @@ class Pool:
         with self._lock:
             self._apply(self._core.release(rid, time.monotonic()))
 
-    def _idle_request(self, runner: BaseRunner) -> None:
+    def idle_request(self, runner: Runner) -> None:
+        """``runner`` asks to shut down, idle (loop thread)."""
         with self._lock:
             self._apply(self._core.idle_request(runner.rid, time.monotonic()))
 
@@ -710,12 +730,30 @@ class Pool:
         values = [v for v in (self._idle_after, self.min_idle_shutdown_after) if v is not None]
         return min(values) if values else None
 
-    def runner_config(self) -> RunnerConfig:
-        """What a runner booted now is told (see :class:`flame._settings.RunnerConfig`)."""
-        return RunnerConfig.current(
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The background loop this pool runs on (``flame._runner.RunnerOwner``)."""
+        return self._loop
+
+    def _runner_spec(self) -> RunnerSpec:
+        """What a runner booted now is booted with, and told."""
+        config = RunnerConfig(
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
             idle_after=self._runner_idle_after(),
             shutdown_timeout=self.shutdown_timeout,
             single_use=self.single_use,
+            cancel_grace=settings.cancel_grace,
+            max_frame=settings.max_frame,
+        )
+        return RunnerSpec(
+            pool=self.name,
+            backend=self.backend,
+            boot_timeout=self.boot_timeout,
+            tls=self.tls,
+            failsafe=settings.failsafe_timeout,
+            config=config,
+            idle_check=self._idle_check,
         )
 
     # -- logging ---------------------------------------------------------------------------------
@@ -727,7 +765,7 @@ class Pool:
             level = logging.getLevelName(level.upper())
         logger.log(level if isinstance(level, int) else logging.INFO, message)
 
-    def _log_error(self, message: str) -> None:
+    def log_error(self, message: str) -> None:
         logger.warning("pool %r: %s", self.name, message)
 
 

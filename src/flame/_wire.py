@@ -46,7 +46,8 @@ CANCEL          parent              ``!Q`` call id: the caller gave up (timeout,
 CHILD_STOP      parent              ``!Q`` child id: stop that child (``close()`` it).
 CONFIG          parent              right after WELCOME: pickled ``{"idle_check": fn|None}``.
 RESULT          runner              ``!QB`` (call id, status) then a pickled section: the
-                                    return value, or the exception (see ``STATUS_*``).
+                                    return value, or the exception (the statuses are
+                                    ``flame._record.Status``).
 CHILD_EXIT      runner              ``!QB`` (child id, status) then a pickled section: what
                                     the child's ``run()`` returned or raised; frees its slot.
 IDLE            runner              idle long enough and its idle check passed: may I go?
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -77,6 +79,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -93,12 +96,6 @@ PREAUTH_KINDS = frozenset({HELLO, CHALLENGE, PROOF, WELCOME, REFUSE})
 FLAG_LINK = 1
 FLAG_CAST = 2
 FLAG_CHILD = 4
-
-# RESULT / CHILD_EXIT status
-STATUS_OK = 0  # body: the value
-STATUS_RAISED = 1  # body: (pickled exception or None, type name, message, traceback)
-STATUS_TIMEOUT = 3  # body: message text (the deadline passed on the runner)
-STATUS_CANCELLED = 4  # body: message text (cancelled by the parent or parent loss)
 
 HEADER = struct.Struct("!QB")
 CALL_HEAD = struct.Struct("!QBd")
@@ -118,6 +115,57 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 8.0
 _READ_CHUNK = 64 * 1024  # the scratch buffer: small frames; larger ones get their own
 _SMALL_FRAME = 16 * 1024
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What one runner is told by its parent in WELCOME (its parent side uses the same).
+
+    Every field is required: a missing or unknown key is a protocol error, never a silent
+    default (the defaults live in ``flame._settings``).
+    """
+
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    #: idle this long (and the idle check passes): ask the parent to go; None: never
+    idle_after: float | None
+    shutdown_timeout: float
+    single_use: bool
+    cancel_grace: float
+    max_frame: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RunnerConfig:
+        """Read a configuration sent by a parent; ``ValueError`` names what is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("the runner configuration is not an object")
+        unknown = sorted(set(doc) - set(_CONFIG_TYPES))
+        missing = sorted(set(_CONFIG_TYPES) - set(doc))
+        if unknown or missing:
+            raise ValueError(
+                f"the runner configuration has unknown keys {unknown} and lacks {missing}"
+            )
+        for key, types in _CONFIG_TYPES.items():
+            value = doc[key]
+            if isinstance(value, bool) is not (bool in types) or not isinstance(value, types):
+                raise ValueError(f"the runner configuration's {key} is {value!r}")
+        return cls(**doc)
+
+
+_SECONDS = (int, float)
+#: the JSON types each field of RunnerConfig accepts (bool is not a number here)
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "heartbeat_interval": _SECONDS,
+    "heartbeat_timeout": _SECONDS,
+    "idle_after": (*_SECONDS, type(None)),
+    "shutdown_timeout": _SECONDS,
+    "single_use": (bool,),
+    "cancel_grace": _SECONDS,
+    "max_frame": (int,),
+}
 
 
 class ProtocolError(Exception):

@@ -83,8 +83,13 @@ class Backend(abc.ABC):
 
     #: The name given to runners in ``flame.parent().backend``.
     name: str = "custom"
-    #: True for backends that run calls in the calling process (only ``LocalBackend``).
-    in_process: bool = False
+
+    @property
+    def pickles_calls(self) -> bool:
+        """Whether calls, arguments and results are pickled on their way to a runner: true
+        for every runner in another process. Only ``LocalBackend()`` (without ``serialize``),
+        whose runners live in the caller's own process, hands the objects over as they are."""
+        return True
 
     def listen_host(self) -> str:
         """The address the parent's listener binds for this backend's runners."""
