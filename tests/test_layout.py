@@ -42,7 +42,8 @@ def _graph() -> dict[str, set[str]]:
                     full = f"{base}.{alias.name}"
                     targets.add(full if full in files else base)
         edges: set[str] = set()
-        for target in targets:
+        for imported in targets:
+            target = imported
             while target in files and target != "flame":
                 # a module of a package imports its siblings inside the package's own import
                 if target != name and not name.startswith(target + "."):

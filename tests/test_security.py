@@ -44,8 +44,8 @@ import pytest
 import flame
 from flame import _serialize, _wire
 from flame._exits import ExitCode
-from flame._parent import LaunchInfo
 from flame._listener import Listener
+from flame._parent import LaunchInfo
 from flame._wire import RunnerConfig
 from helpers import wait_until
 from helpers import wire_work as work

@@ -107,7 +107,9 @@ class Rig:
         self.work = FakeWork(self.clock)
         self.parent = Parent()
         self.exits: list[ExitCode] = []
-        self.t = Terminator(config(**changes), self.work, self.parent, self.clock, self.exits.append)
+        self.t = Terminator(
+            config(**changes), self.work, self.parent, self.clock, self.exits.append
+        )
         self.t.start()
 
     def busy(self) -> None:
