@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 
 import flame
-from conftest import IN_PROCESS
 from helpers import describe, wait_until
 
 
@@ -182,24 +181,13 @@ def inner_pool_min() -> tuple[int, int]:
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pool(backend_id: str, make_backend: Callable[[], flame.Backend]) -> Iterator[flame.Pool]:
-    """One started pool per backend, shared by the tests that leave it as they found it."""
-    with flame.Pool(
-        f"calls-{backend_id}",
-        min=1,
-        max=2,
-        max_concurrency=8,
-        backend=make_backend(),
-        idle_shutdown_after=None,
-    ) as p:
-        yield p
+POOL_OPTIONS = {"min": 1, "max": 2, "max_concurrency": 8, "idle_shutdown_after": None}
 
 
 @pytest.fixture
 def remote(backend_id: str) -> bool:
     """True when runners are separate processes."""
-    return backend_id not in IN_PROCESS
+    return backend_id != "local"
 
 
 def _settled(pool: flame.Pool) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +32,6 @@ BAD_APP = str(Path(__file__).parent / "helpers" / "bad_app.py")
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-@pytest.fixture
-def make_pool(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[..., flame.Pool]]:
-    """Creates pools with unique names; stops them all after the test and checks that no
-    runner process they booted is left."""
-    pools: list[flame.Pool] = []
-    before = runner_pids()
-    counter = itertools.count()
-
-    def make(backend: flame.Backend, **opts: Any) -> flame.Pool:
-        opts.setdefault("max", 1)
-        pool = flame.Pool(f"{request.node.name}-{next(counter)}", backend=backend, **opts)
-        pools.append(pool)
-        return pool
-
-    yield make
-    (tmp_path / "gate").touch()  # a failed test may have left gated calls waiting
-    for pool in pools:
-        pool.stop()
-    wait_until(
-        lambda: runner_pids() <= before,
-        10,
-        message="runner processes left after the pools stopped",
-    )
-
-
 class SlowBootBackend(flame.ProcessBackend):
     """A ProcessBackend whose boot takes ``delay`` seconds longer (a cold machine)."""
 

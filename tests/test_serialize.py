@@ -27,7 +27,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,8 @@ MB = 1 << 20
 _UNPICKLABLE_GLOBAL = threading.Lock()
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[flame.Pool]:
-    with flame.Pool("serialize", max=1, max_concurrency=4, backend="process") as p:
-        yield p
+ONLY_ON = ("process",)
+POOL_OPTIONS = {"max": 1, "max_concurrency": 4}
 
 
 # -- the main script -------------------------------------------------------------------------------
@@ -253,12 +251,12 @@ def test_10_mb_of_nested_arrays_round_trip_asynchronously(pool: flame.Pool) -> N
 
 # -- errors that name the culprit ------------------------------------------------------------------
 @pytest.fixture
-def idle_pool() -> Iterator[flame.Pool]:
+def idle_pool(make_pool: Callable[..., flame.Pool]) -> Iterator[flame.Pool]:
     """A started process pool that has booted nothing yet."""
-    with flame.Pool("serialize-idle", max=1, backend="process") as p:
-        yield p
-        s = p.stats()
-        assert (s.runners, s.booting) == (0, 0), "a runner was used for a call that cannot pickle"
+    p = make_pool(flame.ProcessBackend()).start()
+    yield p
+    s = p.stats()
+    assert (s.runners, s.booting) == (0, 0), "a runner was used for a call that cannot pickle"
 
 
 def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]:
