@@ -134,7 +134,7 @@ def _skeleton(
         fn, section = child._prepare(fn, args)
         runner = child._runner
         limit = pool.timeout if timeout is DEFAULT else timeout
-    pending = Pending(runner, runner.next_id(), kind, loop)
+    pending = Pending(runner, runner.next_id(), kind, loop, linked=link)
     runner.register(pending)
     flags = _wire.FLAG_LINK if link else 0
     placed: Child | None = None

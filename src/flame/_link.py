@@ -85,3 +85,7 @@ class Link(Protocol):
 
     def close(self, reason: str) -> None:
         """Hang up (loop thread)."""
+
+    def forsake(self) -> None:
+        """In a forked child: drop this process's copy of the connection, without a word to
+        the runner (it is the parent's) and without taking any lock."""

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from . import _calls, _loop, _scaling, _tls
+from . import _calls, _lifecycle, _loop, _scaling, _tls
 from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
@@ -41,9 +43,14 @@ Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("flame")
 
-_registry: dict[str, Pool] = {}
+#: every pool that is not stopped, by name (weakly: a pool nobody holds and nobody started
+#: frees its name); started pools are also held in _running
+_registry: weakref.WeakValueDictionary[str, Pool] = weakref.WeakValueDictionary()
+_running: set[Pool] = set()
 _registry_lock = threading.Lock()
 _KILL_GRACE = 5.0
+#: at interpreter exit, how long flame waits for the backends to release the runners
+_EXIT_BUDGET = 1.5
 
 
 @dataclass(frozen=True)
@@ -231,15 +238,7 @@ class Pool:
         self.backend: Backend = resolve_backend(backend)
         self._idle_check = check
         self._lock = threading.Lock()
-        self._core = _scaling.Scaler(
-            min=self.min,
-            max=max,
-            max_concurrency=max_concurrency,
-            single_use=self.single_use,
-            idle_shutdown_after=self._idle_after,
-            min_idle_shutdown_after=self.min_idle_shutdown_after,
-            boot_ahead=boot_ahead,
-        )
+        self._core = self._new_core()
         self._runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._boot_tasks: dict[int, asyncio.Task[None]] = {}
@@ -250,7 +249,18 @@ class Pool:
         self._stopped: asyncio.Event | None = None
         self._gone_event: asyncio.Event | None = None
         self._start_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop = _loop.get_loop()
+        _register(self)
+
+    def _new_core(self) -> _scaling.Scaler:
+        return _scaling.Scaler(
+            min=self.min,
+            max=self.max,
+            max_concurrency=self.max_concurrency,
+            single_use=self.single_use,
+            idle_shutdown_after=self._idle_after,
+            min_idle_shutdown_after=self.min_idle_shutdown_after,
+            boot_ahead=self.boot_ahead,
+        )
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -295,13 +305,7 @@ class Pool:
         if self._state != "new":
             raise PoolClosed(f"pool {self.name!r} was stopped; create a new Pool to start again")
         with _registry_lock:
-            other = _registry.get(self.name)
-            if other is not None and other is not self:
-                raise ValueError(
-                    f"a pool named {self.name!r} is already started; stop it first or pick "
-                    "another name"
-                )
-            _registry[self.name] = self
+            _running.add(self)
         self._stopped = asyncio.Event()
         self._gone_event = asyncio.Event()
         with self._lock:
@@ -343,9 +347,10 @@ class Pool:
 
     def stop(self) -> None:
         """Stop taking calls, let in-flight work finish within ``shutdown_timeout``, and
-        shut every runner down. Safe to call more than once."""
+        shut every runner down; the pool's name is free again. Safe to call more than once."""
         if self._state == "new":
             self._state = "stopped"
+            _unregister(self)
             return
         _loop.run(self._stop())
 
@@ -353,6 +358,7 @@ class Pool:
         """The async form of :meth:`stop`."""
         if self._state == "new":
             self._state = "stopped"
+            _unregister(self)
             return
         await _loop.arun(self._stop())
 
@@ -361,9 +367,7 @@ class Pool:
         if self._state in ("stopping", "stopped"):
             await self._stopped.wait()
             return
-        with _registry_lock:
-            if _registry.get(self.name) is self:
-                del _registry[self.name]
+        _unregister(self)
         with self._lock:
             self._state = "stopping"
             self._apply(self._core.stop(time.monotonic()))
@@ -388,7 +392,48 @@ class Pool:
             self.log_error(f"backend close failed: {exc!r}")
         self._state = "stopped"
         self._stopped.set()
+        with _registry_lock:
+            _running.discard(self)
         self._log(f"pool {self.name!r} stopped")
+
+    async def _stop_at_exit(self) -> None:
+        """The interpreter is exiting: stop now, without waiting for the runners' work.
+        Each runner loses its parent: its linked work is terminated, its unlinked work
+        finishes there, and then it exits by itself; the others are stopped at once."""
+        if self._state != "started":
+            return
+        _unregister(self)
+        with self._lock:
+            self._state = "stopping"
+            for a in self._core.stop(time.monotonic()):
+                if isinstance(a, _scaling.Fail):  # waiting callers: PoolClosed
+                    self._apply([a])
+        for task in list(self._boot_tasks.values()):
+            task.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
+        await asyncio.gather(*(r.leave() for r in list(self._runners.values())))
+        with contextlib.suppress(Exception):
+            await self.backend.aclose()
+        self._state = "stopped"
+        with _registry_lock:
+            _running.discard(self)
+
+    def _after_fork(self) -> None:
+        """In a child forked from this process: this pool starts afresh on first use, with
+        nothing of the parent's (its runners, their connections, its locks)."""
+        _lifecycle.bury(self._runners, self._waiters, self._boot_tasks, self._lock, self._wake)
+        for runner in self._runners.values():
+            runner.forsake()
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._core = self._new_core()
+        self._runners, self._waiters, self._boot_tasks = {}, {}, {}
+        self._wake, self._wake_at = None, math.inf
+        self._stopped = self._gone_event = None
+        if self._state != "stopped":
+            self._state = "new"
+        self.backend.forked()
 
     def __enter__(self) -> Pool:
         return self.start()
@@ -584,7 +629,7 @@ class Pool:
                 runner = self._runners.get(a.runner)
                 if waiter is None or runner is None:
                     # the caller left in the same instant: give the slot back
-                    self._loop.call_soon_threadsafe(self._release_id, a.runner)
+                    self.loop.call_soon_threadsafe(self._release_id, a.runner)
                     continue
                 waiter.assign(runner)
             elif isinstance(a, _scaling.Fail):
@@ -594,18 +639,18 @@ class Pool:
             elif isinstance(a, _scaling.Boot):
                 runner = Runner(self, a.runner, self._runner_spec())
                 self._runners[a.runner] = runner
-                self._loop.call_soon_threadsafe(self._start_boot, runner)
+                self.loop.call_soon_threadsafe(self._start_boot, runner)
             elif isinstance(a, _scaling.Retire):
                 rid = a.runner
-                self._loop.call_soon_threadsafe(self._retire, rid)
+                self.loop.call_soon_threadsafe(self._retire, rid)
             elif isinstance(a, _scaling.Keep):
                 runner = self._runners.get(a.runner)
                 if runner is not None:
                     runner.keep(a.retry_after)
             elif isinstance(a, _scaling.Hook):
-                self._loop.call_soon_threadsafe(self._run_hook, a)
+                self.loop.call_soon_threadsafe(self._run_hook, a)
             elif isinstance(a, _scaling.Wake):
-                self._loop.call_soon_threadsafe(self._schedule_wake, a.at)
+                self.loop.call_soon_threadsafe(self._schedule_wake, a.at)
 
     def _fail_error(self, a: _scaling.Fail) -> BaseException:
         if a.kind is _scaling.FailKind.CLOSED:
@@ -623,7 +668,7 @@ class Pool:
 
     # -- loop-thread handlers ----------------------------------------------------------------
     def _start_boot(self, runner: Runner) -> None:
-        task = self._loop.create_task(self._boot(runner))
+        task = self.loop.create_task(self._boot(runner))
         self._boot_tasks[runner.rid] = task
 
     async def _boot(self, runner: Runner) -> None:
@@ -660,12 +705,12 @@ class Pool:
         if runner is None:
             return
         runner.shutdown()
-        self._loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
+        self.loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
 
     def _force(self, runner: Runner) -> None:
         if not runner.gone and self._runners.get(runner.rid) is runner:
             self.log_error(f"{runner.describe()} did not stop in time; killing it")
-            self._loop.create_task(runner.kill())
+            self.loop.create_task(runner.kill())
 
     async def runner_gone(self, runner: Runner, message: str) -> None:
         """``runner`` is gone: forget it and let the core replace it (loop thread)."""
@@ -704,7 +749,7 @@ class Pool:
             self._wake.cancel()
         self._wake_at = at
         delay = max(0.0, at - time.monotonic())
-        self._wake = self._loop.call_later(delay, self._on_wake)
+        self._wake = self.loop.call_later(delay, self._on_wake)
 
     def _on_wake(self) -> None:
         self._wake = None
@@ -733,7 +778,7 @@ class Pool:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The background loop this pool runs on (``flame._runner.RunnerOwner``)."""
-        return self._loop
+        return _loop.get_loop()
 
     def _runner_spec(self) -> RunnerSpec:
         """What a runner booted now is booted with, and told."""
@@ -769,20 +814,65 @@ class Pool:
         logger.warning("pool %r: %s", self.name, message)
 
 
+def _register(pool: Pool) -> None:
+    with _registry_lock:
+        other = _registry.get(pool.name)
+        if other is not None and other._state != "stopped":
+            raise ValueError(
+                f"a pool named {pool.name!r} exists already; stop it first (pool.stop()) or "
+                "pick another name"
+            )
+        _registry[pool.name] = pool
+
+
+def _unregister(pool: Pool) -> None:
+    with _registry_lock:
+        if _registry.get(pool.name) is pool:
+            del _registry[pool.name]
+
+
 def lookup(pool: Pool | str) -> Pool:
-    """The pool object for a pool or a started pool's name."""
+    """The pool object for a pool or a pool's name."""
     if isinstance(pool, Pool):
         return pool
     if isinstance(pool, str):
         with _registry_lock:
             found = _registry.get(pool)
+            names = sorted(_registry.keys())
         if found is None:
-            raise PoolNotFound(
-                f"no started pool is named {pool!r}; start it first (pool.start(), or "
-                "`with flame.Pool(...)`)"
-            )
+            close = difflib.get_close_matches(pool, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(map(repr, names)) if names else "none"
+            raise PoolNotFound(f"no pool is named {pool!r} (pools: {known}){hint}")
         return found
     raise TypeError(f"expected a flame.Pool or a pool name, got {type(pool).__name__}")
 
+
+def _stop_all_at_exit() -> None:
+    with _registry_lock:
+        pools = [p for p in _running if p._state == "started"]
+    if not pools:
+        return
+
+    async def stop_all() -> None:
+        await asyncio.wait(
+            [asyncio.ensure_future(p._stop_at_exit()) for p in pools], timeout=_EXIT_BUDGET
+        )
+
+    with contextlib.suppress(BaseException):  # nothing of flame's may fail an exit
+        _loop.run(stop_all(), timeout=_EXIT_BUDGET + 0.5)
+
+
+def _after_fork() -> None:
+    global _registry_lock, _running
+    _lifecycle.bury(_registry_lock)
+    _registry_lock = threading.Lock()
+    _running = set()
+    for pool in list(_registry.values()):
+        pool._after_fork()
+
+
+_lifecycle.on_exit(_stop_all_at_exit)
+_lifecycle.on_fork(_after_fork)
 
 __all__ = ["Pool", "PoolStats", "lookup"]

@@ -168,6 +168,7 @@ class Pending:
         "done",
         "form",
         "kind",
+        "linked",
         "payload",
         "runner",
         "status",
@@ -179,10 +180,13 @@ class Pending:
         call_id: int,
         kind: Kind,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        linked: bool = True,
     ) -> None:
         self.runner = runner
         self.call_id = call_id
         self.kind = kind
+        self.linked = linked  # the remote work ends if its caller goes away
         self.done = False
         self.abandoned = False
         self.form = Form.LOST

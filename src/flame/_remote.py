@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from . import _wire
+from . import _lifecycle, _wire
 from ._link import Peer, Section
 from ._record import Form, Status, Wakes, wake_all
 from ._wire import RunnerConfig
@@ -150,3 +150,6 @@ class WireLink:
 
     def close(self, reason: str) -> None:
         self.conn.close(reason)
+
+    def forsake(self) -> None:
+        _lifecycle.close_fd(self.conn.sock.detach())

@@ -302,6 +302,39 @@ class Runner:
             lambda: loop.create_task(self._lost("shut down before connecting"))
         )
 
+    async def leave(self) -> None:
+        """The parent is exiting: hang up, so that the runner loses its parent (its linked
+        work is terminated at once, its unlinked work finishes), and stop it at once unless
+        unlinked work is still running on it (then it exits by itself when done)."""
+        unlinked = any(not p.linked for p in self.pending.values()) or any(
+            not child.link for child in self.children.values()
+        )
+        self.gone = True
+        link = self.link
+        if link is not None and not link.closed:
+            # cancel the linked work, let the rest drain, and hang up: a runner told to
+            # stop does not take the closed connection for a lost parent
+            for call_id, p in list(self.pending.items()):
+                if p.linked:
+                    link.cancel(call_id)
+            for child_id, child in list(self.children.items()):
+                if child.link:
+                    link.stop_child(child_id)
+            link.shutdown()
+            link.close("the parent is exiting")
+        if not unlinked and self.handle is not None:
+            with contextlib.suppress(Exception):
+                await self.handle.stop()
+        _redact.forget(self)
+
+    def forsake(self) -> None:
+        """In a child forked from the parent: give up this process's copies of the runner's
+        connection and handle, without touching the runner (it is the parent's)."""
+        if self.link is not None:
+            self.link.forsake()
+        if self.handle is not None:
+            self.handle.forsake()
+
     async def kill(self) -> None:
         """Force the runner down and release what the backend holds for it (loop thread)."""
         if self.link is not None and not self.link.closed:

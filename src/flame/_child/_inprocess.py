@@ -155,6 +155,9 @@ class InProcessRunner:
         if self._end_link(reason):
             self.terminator.parent_lost()
 
+    def forsake(self) -> None:
+        """In a forked child: the in-process runner's threads stayed with the parent."""
+
     # -- the terminator's ports (loop thread) ------------------------------------------------
     def idle(self) -> None:
         if self._peer is not None and not self._closed:

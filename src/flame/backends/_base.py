@@ -74,6 +74,11 @@ class RunnerHandle(abc.ABC):
         """Extra detail for error messages, such as the tail of the runner's stderr."""
         return ""
 
+    def forsake(self) -> None:  # noqa: B027 - optional hook
+        """Called in a child forked from the parent (``os.fork()``): close this process's
+        copies of what the handle holds (pipes, sockets), without touching the runner, which
+        is still the parent's. Must not take a lock a parent thread may have held."""
+
 
 class Backend(abc.ABC):
     """Starts runners. Subclass it to run flame on a platform of your own.
@@ -120,3 +125,9 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (HTTP clients...). Called when its pool stops."""
+
+    def forked(self) -> None:  # noqa: B027 - optional hook
+        """Called in a child forked from the parent (``os.fork()``), whose pools start afresh:
+        forget what belongs to the parent's event loop or threads (HTTP clients, watches,
+        rate limiters), so that the child makes its own on first use. Must not take a lock
+        a parent thread may have held."""
