@@ -163,7 +163,7 @@ def _backend_env(kind: str, stack: contextlib.ExitStack) -> dict[str, str]:
     return {"BACKEND": "kubernetes", "KUBECONFIG": emu.kubeconfig, "POD_NAME": "life-parent"}
 
 
-# -- exit -------------------------------------------------------------------------------------------
+# -- exit ------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend_kind", ["process", "fly", "kubernetes"])
 @pytest.mark.parametrize("idle", ["30", "None"])
 def test_a_program_that_never_stops_its_pool_exits_at_once(
@@ -216,7 +216,7 @@ def test_at_exit_linked_work_is_terminated_and_unlinked_work_finishes(
     assert_pids_gone(run.pids, 10)
 
 
-# -- signals ----------------------------------------------------------------------------------------
+# -- signals ------------------------------------------------------------------------------
 def _started(proc: subprocess.Popen[str], entered: Path) -> None:
     wait_until(lambda: entered.exists() or proc.poll() is not None, 20)
     assert proc.poll() is None, Path(f"{proc.args[1]}.err").read_text()
@@ -288,7 +288,7 @@ def test_a_sigterm_handler_that_calls_sys_exit_ends_the_program_promptly(
     assert_pids_gone(run.pids, 5)
 
 
-# -- fork -------------------------------------------------------------------------------------------
+# -- fork ------------------------------------------------------------------------------
 @pytest.mark.parametrize("before_fork", ["created", "used"])
 def test_a_forked_child_starts_its_pools_afresh(programs: Programs, before_fork: str) -> None:
     run = programs.run(
