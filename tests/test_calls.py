@@ -18,6 +18,7 @@ import enum
 import fractions
 import functools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -92,10 +93,11 @@ def raise_builtin(kind: str) -> None:
 
 
 class NeedsTwo(Exception):
-    """Pickles, but cannot be re-created from its args (its __init__ wants two)."""
+    """Its __init__ takes other arguments than its args: it is rebuilt without __init__."""
 
     def __init__(self, a: str, b: str) -> None:
         super().__init__(f"{a}/{b}")
+        self.a, self.b = a, b
 
 
 class HoldsLock(Exception):
@@ -403,10 +405,52 @@ def test_exception_from_a_lambda_points_at_the_lambda(pool: flame.Pool) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_an_exception_keeps_its_class_and_attributes_whatever_its_init(pool: flame.Pool) -> None:
+    with pytest.raises(NeedsTwo) as info:
+        flame.call(pool, raise_needs_two)
+    err = info.value
+    assert (err.a, err.b, err.args) == ("left", "right", ("left/right",))
+    assert isinstance(err.__cause__, flame.RemoteTraceback)
+    assert "raise_needs_two" in _first_frame(str(err.__cause__))
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+async def async_exit() -> None:
+    sys.exit(4)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("fn", "args", "type_name"),
+    [
+        pytest.param(exit_with, (3,), "SystemExit", id="sys.exit"),
+        pytest.param(interrupt, (), "KeyboardInterrupt", id="KeyboardInterrupt"),
+        pytest.param(async_exit, (), "SystemExit", id="async-sys.exit"),
+    ],
+)
+def test_system_exit_and_other_base_exceptions_arrive_as_remote_error(
+    pool: flame.Pool, fn: Callable[..., Any], args: tuple[Any, ...], type_name: str
+) -> None:
+    """They never end the caller's thread, and the runner goes on serving."""
+    with pytest.raises(flame.RemoteError) as info:
+        flame.call(pool, fn, *args)
+    assert info.value.type_name == type_name
+    assert isinstance(info.value.__cause__, flame.RemoteTraceback)
+    assert flame.call(pool, add, 1, 1) == 2
+    assert asyncio.run(flame.acall(pool, add, 2, 2)) == 4
+
+
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize(
     ("fn", "type_name", "message"),
     [
-        pytest.param(raise_needs_two, "test_calls.NeedsTwo", "left/right", id="cannot-unpickle"),
         pytest.param(raise_holds_lock, "test_calls.HoldsLock", "lock inside", id="cannot-pickle"),
     ],
 )

@@ -179,8 +179,13 @@ def test_closure_over_an_unpicklable_object_names_the_variable(pool: flame.Pool)
     assert "closure variable 'lock'" in message
     assert "uses_lock" in message
 
+    # a module the runner imports: the lambda's globals are the runner's own
+    assert flame.call(pool, lambda: _LOCK.locked()) is False  # noqa: PLW0108
+    # code the runner cannot import (a notebook cell): its globals travel by value
+    cell: dict[str, Any] = {"__name__": "notebook_cell", "_LOCK": threading.Lock()}
+    exec("check = lambda: _LOCK.locked()", cell)
     with pytest.raises(flame.SerializationError, match="global '_LOCK'"):
-        flame.call(pool, lambda: _LOCK.locked())  # noqa: PLW0108 - shipped by value
+        flame.call(pool, cell["check"])
 
     with pytest.raises(flame.SerializationError, match="the object it is bound to"):
         flame.call(pool, HoldsLock().method)

@@ -39,7 +39,6 @@ from flame import _serialize
 from helpers import wire_work as work
 
 MB = 1 << 20
-_UNPICKLABLE_GLOBAL = threading.Lock()
 
 
 ONLY_ON = ("process",)
@@ -261,6 +260,9 @@ def idle_pool(make_pool: Callable[..., flame.Pool]) -> Iterator[flame.Pool]:
 
 def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]:
     lock = threading.Lock()
+    # code the runner cannot import (a notebook cell): its globals travel by value
+    cell: dict[str, Any] = {"__name__": "notebook_cell", "_UNPICKLABLE_GLOBAL": lock}
+    exec("check = lambda: _UNPICKLABLE_GLOBAL.acquire(blocking=False)", cell)
     return [
         ("argument", work.identity, (1, lock), ["argument 1", "_thread.lock"]),
         (
@@ -271,7 +273,7 @@ def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]
         ),
         (
             "global",
-            lambda: _UNPICKLABLE_GLOBAL.acquire(blocking=False),
+            cell["check"],
             (),
             ["global '_UNPICKLABLE_GLOBAL'", "_thread.lock"],
         ),

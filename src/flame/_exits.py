@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 208  # the parent refused it (version mismatch)
     APP_FAILED = 209  # importing the application raised
     STUCK = 210  # a cancelled call did not stop within the grace period
+    NO_MAIN_GUARD = 211  # the app calls a pool at import time (no `if __name__ == ...`)
 
     def describe(self) -> str:
         return _TEXT[self]
@@ -39,6 +40,7 @@ _TEXT = {
     ExitCode.REFUSED: "refused by its parent (version mismatch)",
     ExitCode.APP_FAILED: "importing the application raised",
     ExitCode.STUCK: "a cancelled call did not stop within the grace period",
+    ExitCode.NO_MAIN_GUARD: "the app calls a pool while it is imported",
 }
 
 

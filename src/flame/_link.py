@@ -36,6 +36,9 @@ class Peer(Protocol):
     def goodbye(self, code: int) -> None:
         """The runner is about to exit on its own, with this exit code (loop thread)."""
 
+    def output(self, stream: int, data: bytes) -> None:
+        """What the runner wrote to its stdout (1) or stderr (2) (any thread)."""
+
     def closed(self, reason: str) -> None:
         """The conversation is over (loop thread, once)."""
 

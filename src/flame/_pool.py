@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from . import _calls, _lifecycle, _loop, _scaling, _tls
+from . import _calls, _lifecycle, _loop, _parent, _scaling, _tls
 from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
@@ -149,6 +149,12 @@ class Pool:
             certificate (its fingerprint travels in ``FLAME_PARENT``). Needs
             ``pip install 'flame-py[tls]'``. Off by default: the connection is always
             authenticated (HMAC handshake), and with ``tls`` also confidential.
+        forward_output: every line a runner writes to its stdout or stderr (print,
+            logging, warnings, tracebacks, also from C code and subprocesses) reaches this
+            process's own stdout or stderr as it is written, prefixed ``[<runner id>] ``,
+            through the runner's connection, on every backend (default). ``False``: the
+            runner's output goes where the backend puts it (the inherited terminal, the
+            platform's logs), line by line.
 
     Use ``with Pool(...) as pool:`` / ``async with``, or :meth:`start` and :meth:`stop`.
     A pool that is used before being started starts itself.
@@ -174,6 +180,7 @@ class Pool:
         log: bool | int | str = False,
         boot_ahead: int = 0,
         tls: bool = False,
+        forward_output: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -232,6 +239,9 @@ class Pool:
         self.boot_ahead = boot_ahead
         if not isinstance(tls, bool):
             raise ValueError(f"tls must be True or False, got {tls!r}")
+        if not isinstance(forward_output, bool):
+            raise ValueError(f"forward_output must be True or False, got {forward_output!r}")
+        self.forward_output = forward_output
         if tls:
             _tls.require()
         self.tls = tls
@@ -330,6 +340,7 @@ class Pool:
     def ensure_started(self) -> None:
         if self._state == "started":
             return
+        _parent.check_not_importing(self.name)
         if self._state == "new":
             with self._start_lock:
                 if self._state == "new":
@@ -340,6 +351,7 @@ class Pool:
     async def aensure_started(self) -> None:
         if self._state == "started":
             return
+        _parent.check_not_importing(self.name)
         if self._state == "new":
             await self.astart()
             return
@@ -681,12 +693,16 @@ class Pool:
                 exc = BootError(f"booting {runner.describe()} was cancelled (pool stopping)")
             elif not isinstance(exc, BootError):
                 exc = BootError(f"booting {runner.describe()} failed: {exc!r}")
+            else:  # a BootError is its message: flame's frames that raised it tell nothing
+                exc.__traceback__ = None
             self._last_boot_error = exc
-            if self._state == "started":
-                logger.warning("pool %r: %s", self.name, exc)
             with self._lock:
                 self._runners.pop(runner.rid, None)
-                self._apply(self._core.boot_failed(runner.rid, exc, time.monotonic()))
+                actions = self._core.boot_failed(runner.rid, exc, time.monotonic())
+                self._apply(actions)
+            told = any(isinstance(a, _scaling.Fail) for a in actions)
+            if self._state == "started" and not told:  # no caller got it: say it here
+                logger.warning("pool %r: %s", self.name, exc)
             self._notify_gone()
             return
         self._boot_tasks.pop(runner.rid, None)
@@ -799,6 +815,7 @@ class Pool:
             failsafe=settings.failsafe_timeout,
             config=config,
             idle_check=self._idle_check,
+            forward_output=self.forward_output,
         )
 
     # -- logging ---------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def encode(outcome: Outcome, what: str) -> tuple[Status, list[bytes | memoryview
             status, value = Status.RAISED, (exc, "")
     if status is Status.RAISED:
         error, tb = value
+        if not isinstance(error, Exception):
+            # SystemExit, KeyboardInterrupt...: never raised as such in the caller's thread
+            error = RemoteError(_qualname(type(error)), str(error), tb)
         try:
             blob: bytes | None = _serialize.dumps(error)[0]
         except Exception:
@@ -92,7 +95,8 @@ def encode(outcome: Outcome, what: str) -> tuple[Status, list[bytes | memoryview
 
 
 def _qualname(t: type) -> str:
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    module = "__main__" if t.__module__ == "__mp_main__" else t.__module__
+    return t.__qualname__ if module == "builtins" else f"{module}.{t.__qualname__}"
 
 
 # -- the caller's half -------------------------------------------------------------------------

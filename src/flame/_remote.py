@@ -77,6 +77,8 @@ class WireLink:
                             body[_wire.RESULT_HEAD.size :],
                             wakes,
                         )
+                    elif kind == _wire.OUTPUT:
+                        peer.output(body[0], bytes(body[1:]))
                     elif kind != _wire.PING:
                         rest.append((kind, body))
                 if wakes:
@@ -106,6 +108,8 @@ class WireLink:
         elif kind == _wire.GOODBYE:
             (code,) = _wire.BYTE.unpack_from(body, 0)
             peer.goodbye(code)
+        elif kind == _wire.OUTPUT:
+            peer.output(body[0], bytes(body[1:]))
         elif kind != _wire.PING:
             raise _wire.ProtocolError(f"unexpected message kind {kind} from a runner")
 

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _redact, _serialize
+from . import _output, _redact, _serialize
 from ._errors import BootError, RunnerLost
 from ._exits import ExitCode, describe_exit
 from ._link import Link, Section
 from ._listener import Listener
-from ._parent import LaunchInfo
+from ._parent import LaunchInfo, runner_app
 from ._record import Form, Pending, Status, Wakes
 from ._wire import RunnerConfig
 from .backends._base import Backend, RunnerHandle, RunnerLaunch
@@ -67,6 +67,8 @@ class RunnerSpec:
     config: RunnerConfig
     #: run on the runner before it asks to go idle
     idle_check: Callable[[], Any] | None = None
+    #: the runner's stdout and stderr come to this process, prefixed with the runner's id
+    forward_output: bool = True
 
 
 class Runner:
@@ -116,6 +118,7 @@ class Runner:
             cwd=backend.runner_cwd(),
             failsafe=spec.failsafe,
             tls_fingerprint=listener.tls[1] if listener.tls is not None else None,
+            forward_output=spec.forward_output,
         )
         extra, _ = _serialize.dumps({"idle_check": spec.idle_check})
         connected = listener.expect(self.runner_id, secret, spec.config, spec.idle_check, extra)
@@ -128,6 +131,7 @@ class Runner:
             pool=spec.pool,
             env={"FLAME_PARENT": encoded},
             argv=("python", "-m", "flame", "runner"),
+            forward_output=spec.forward_output,
         )
         timeout = spec.boot_timeout
         deadline = time.monotonic() + timeout
@@ -157,6 +161,8 @@ class Runner:
                 link: Link = connected.result()  # raises BootError on a version mismatch
             elif self._handle_wait in done:
                 text = self._handle_wait.result()
+                if ExitCode.NO_MAIN_GUARD.describe() in text:
+                    raise BootError(_no_main_guard(info.app))
                 raise BootError(
                     f"{self.describe()} {text} before connecting to its parent" + _diag(self.handle)
                 )
@@ -194,6 +200,9 @@ class Runner:
     def goodbye(self, code: int) -> None:
         self.goodbye_code = code
 
+    def output(self, stream: int, data: bytes) -> None:
+        _output.emit(self.runner_id, stream, data)
+
     def closed(self, reason: str) -> None:
         self.owner.loop.create_task(self._lost(reason))
 
@@ -217,6 +226,7 @@ class Runner:
         if self.goodbye_code == ExitCode.STUCK:
             message += "; a call on it did not stop after its deadline, so the runner exited"
         self.gone = True
+        _output.end(self.runner_id)
         self.fail_all(message)
         await self.owner.runner_gone(self, message)
 
@@ -349,6 +359,14 @@ class Runner:
         _redact.forget(self)
 
 
+def _no_main_guard(app: dict[str, str] | None) -> str:
+    what = next(iter((app or {}).values()), "the app")
+    return (
+        f"{what} calls a pool while it is imported, so each runner that imports it would call "
+        'the pool again: put the calls under `if __name__ == "__main__":`'
+    )
+
+
 def _diag(handle: RunnerHandle | None) -> str:
     if handle is None:
         return ""
@@ -365,6 +383,9 @@ def app_spec(backend: Backend) -> dict[str, str] | None:
     explicit = backend.runner_app()
     if explicit is not None:
         return dict(explicit)
+    inherited = runner_app()  # a runner's own pools boot runners of the same app
+    if inherited is not None:
+        return inherited
     main = sys.modules.get("__main__")
     if main is None:
         return None
@@ -374,5 +395,11 @@ def app_spec(backend: Backend) -> dict[str, str] | None:
         return {"main_module": name}
     path = getattr(main, "__file__", None)
     if isinstance(path, str) and not name:
+        if not os.path.isfile(path):  # python - < app.py
+            raise BootError(
+                f"the main script was read from {path} (python - < app.py), and a runner "
+                "imports the app from a file: save the code to a file and run it "
+                "(python app.py), or pass the app to the backend (app=...)"
+            )
         return {"main_path": os.path.abspath(path)}
     return None

@@ -54,6 +54,8 @@ IDLE            runner              idle long enough and its idle check passed: 
 KEEP            parent              ``!d`` ask again after that many seconds (-1: don't ask).
 SHUTDOWN        parent              finish in-flight work within shutdown_timeout and exit.
 GOODBYE         runner              ``!B`` exit code: the runner is about to exit on its own.
+OUTPUT          runner              ``!B`` stream (1: stdout, 2: stderr), then bytes the runner
+                                    wrote there (``Pool(forward_output=True)``).
 ==============  ==================  =========================================================
 
 Heartbeats: each side sends PING every ``interval`` and declares the peer lost when nothing
@@ -89,7 +91,7 @@ from ._version import __version__
 # -- frame kinds ----------------------------------------------------------------------------
 HELLO, CHALLENGE, PROOF, WELCOME, REFUSE = 1, 2, 3, 4, 5
 PING, CALL, CHILD_CALL, CANCEL, CHILD_STOP, CONFIG = 10, 11, 12, 13, 14, 15
-RESULT, CHILD_EXIT, IDLE, KEEP, SHUTDOWN, GOODBYE = 20, 21, 22, 23, 24, 25
+RESULT, CHILD_EXIT, IDLE, KEEP, SHUTDOWN, GOODBYE, OUTPUT = 20, 21, 22, 23, 24, 25, 26
 PREAUTH_KINDS = frozenset({HELLO, CHALLENGE, PROOF, WELCOME, REFUSE})
 
 # CALL flags
@@ -517,6 +519,11 @@ class Connection:
             self._flush_outbox()
         if self._outbox:
             self._try_flush()
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting in the outbox (a peer or network that does not keep up)."""
+        return len(self._outbox)
 
     def send_soon(self, kind: int, parts: Sequence[bytes | memoryview] = ()) -> None:
         """Send a small frame without ever blocking on another writer (for the loop thread)."""

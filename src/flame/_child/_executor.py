@@ -239,7 +239,12 @@ class Executor:
 
     def _await(self, job: Job, make: Callable[[], Any]) -> Outcome:
         async def runner() -> Any:
-            return await make()
+            try:
+                return await make()
+            except (Exception, asyncio.CancelledError):
+                raise
+            except BaseException as exc:  # SystemExit would stop the user loop itself
+                raise _Escaped(exc) from None
 
         with job.lock:
             if job.cancel_exc is not None:
@@ -250,6 +255,8 @@ class Executor:
         except concurrent.futures.CancelledError:
             exc_type = job.cancel_exc or CancelledByParent
             return outcome_of_exception(exc_type())
+        except _Escaped as escaped:
+            return outcome_of_exception(escaped.exc)
         except BaseException as exc:
             return outcome_of_exception(exc)
 
@@ -394,6 +401,14 @@ class Executor:
     def cancel_all(self) -> None:
         for job in list(self.jobs.values()):
             self.cancel(job.id, CancelledByParent)
+
+
+class _Escaped(Exception):
+    """Carries a ``BaseException`` that is not an ``Exception`` out of a user-loop task."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
 
 
 class _LoadFailed(Exception):

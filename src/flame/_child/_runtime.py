@@ -26,6 +26,7 @@ from .._parent import LaunchInfo
 from .._record import Outcome, encode
 from .._wire import RunnerConfig
 from ._executor import Executor
+from ._output import OutputCapture
 from ._terminator import Terminator
 
 _CONNECT_ATTEMPT_TIMEOUT = 3.0
@@ -368,7 +369,9 @@ async def _secure(sock: socket.socket, info: LaunchInfo) -> socket.socket:
         raise _Exit(ExitCode.AUTH_FAILED, str(exc)) from None
 
 
-async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
+async def serve(
+    info: LaunchInfo, started: float, on_connected: Any, capture: OutputCapture | None
+) -> int:
     deadline = started + info.failsafe
     try:
         sock = await _secure(await _dial(info, deadline), info)
@@ -377,6 +380,8 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         _say(f"flame runner {info.runner_id}: {exc}")
         return int(exc.code)
     on_connected()
+    if capture is not None:
+        capture.attach(conn)
     session = RunnerSession(info, config, conn)
     conn.max_frame = config.max_frame
     conn.on_frame = session.on_frame
@@ -390,6 +395,8 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
     session.executor.spawn(session.lead)
     code = await session.done
     session._stop_watch()
+    if capture is not None:  # the last lines go to the parent while the connection lasts
+        await asyncio.to_thread(capture.restore)
     if not conn.closed:
         # let queued frames (results, GOODBYE) leave before hanging up
         await asyncio.sleep(0)

@@ -44,6 +44,10 @@ class RunnerLaunch:
     pool: str
     env: Mapping[str, str] = field(repr=False)
     argv: Sequence[str] = ("python", "-m", "flame", "runner")
+    #: the runner sends its stdout and stderr to the parent through its connection
+    #: (``Pool(forward_output=True)``); a backend that shows a runner's output itself (the
+    #: inherited terminal, a platform's logs) need not copy it anywhere else then
+    forward_output: bool = True
 
     def __repr__(self) -> str:
         return f"RunnerLaunch(runner_id={self.runner_id!r}, pool={self.pool!r})"

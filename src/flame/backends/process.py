@@ -2,10 +2,12 @@
 
 Like multiprocessing's spawn, a runner starts with the parent's working directory,
 ``sys.path`` and environment (plus ``env``), so whatever the parent imports, the runner can.
-Its stdout is the parent's; its stderr is copied line by line to the parent's stderr, and
-the last lines are kept for the error message when a runner fails to boot. Runners are put
-in their own session, so a Ctrl-C in the parent's terminal reaches the parent only; they
-end when the parent goes away because their connection does.
+By default it sends its output through its connection, and what it also writes to its
+own stdout and stderr (before it connects, after it lost its parent) goes to a pipe whose
+last lines make the error message when a runner fails to boot; with
+``Pool(forward_output=False)`` its stdout and stderr are the parent's.
+Runners are put in their own session, so a Ctrl-C in the parent's terminal reaches the
+parent only; they end when the parent goes away because their connection does.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ProcessHandle(RunnerHandle):
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._exited: asyncio.Future[str] = loop.create_future()
         self._code: int | None = None
-        self._pumped = proc.stderr is None
+        self._pumped = proc.stdout is None
         self._watching = False
 
     @property
@@ -55,23 +57,20 @@ class ProcessHandle(RunnerHandle):
         return self.proc.pid
 
     def start(self) -> None:
-        """Copy the runner's stderr to ours, and watch for its exit (loop thread)."""
-        stream = self.proc.stderr
+        """Keep the last lines of the runner's own output, and watch for its exit (loop
+        thread)."""
+        stream = self.proc.stdout
         if stream is not None:
 
             def pump() -> None:
                 try:
                     with stream:
                         for raw in iter(stream.readline, b""):
-                            line = raw.decode(errors="replace")
-                            self._tail.append(line.rstrip("\n"))
-                            with contextlib.suppress(Exception):
-                                sys.stderr.write(line)
-                                sys.stderr.flush()
+                            self._tail.append(raw.decode(errors="replace").rstrip("\n"))
                 finally:
                     _soon(self._loop, self._pump_done)
 
-            threading.Thread(target=pump, name=f"flame-stderr-{self.pid}", daemon=True).start()
+            threading.Thread(target=pump, name=f"flame-output-{self.pid}", daemon=True).start()
         self._watch()
 
     def _watch(self) -> None:
@@ -120,8 +119,8 @@ class ProcessHandle(RunnerHandle):
         return "\n".join(self._tail)
 
     def forsake(self) -> None:
-        if self.proc.stderr is not None:  # the pipe's read end: the parent's pump reads it
-            _lifecycle.close_fd(self.proc.stderr.fileno())
+        if self.proc.stdout is not None:  # the pipe's read end: the parent's pump reads it
+            _lifecycle.close_fd(self.proc.stdout.fileno())
 
 
 def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
@@ -191,7 +190,11 @@ class ProcessBackend(Backend):
                 env=env,
                 cwd=self.cwd or os.getcwd(),
                 stdin=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                # a forwarding runner sends its output through its connection; what it also
+                # writes here (before it connects, after it lost its parent) is kept for the
+                # error messages, not shown twice. Otherwise it shares our terminal.
+                stdout=subprocess.PIPE if launch.forward_output else None,
+                stderr=subprocess.STDOUT if launch.forward_output else None,
                 start_new_session=True,
             )
         except OSError as exc:
