@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import uuid
@@ -46,6 +48,7 @@ from helpers.pool_helpers import Caller
 from platforms.docker import assert_no_containers, containers, engine, image, share_dir
 
 TESTS_DIR = str(Path(__file__).parent)
+EXAMPLE_DIR = Path(__file__).parent.parent / "examples" / "docker"
 SLEEPER = {"Entrypoint": ["python3", "-c", "import time; time.sleep(600)"]}  # never dials in
 
 
@@ -767,46 +770,88 @@ print(json.dumps({"image": where.image, "network": where.network,
 """
 
 
-@pytest.mark.timeout(60)
-def test_a_parent_in_a_container_defaults_to_its_own_image_and_network(
-    api: httpx.Client, test_image: str
-) -> None:
-    network = f"flame-test-{uuid.uuid4().hex[:8]}"
-    api.post("/networks/create", json={"Name": network}).raise_for_status()
+@contextlib.contextmanager
+def user_network(api: httpx.Client) -> Iterator[str]:
+    name = f"flame-test-{uuid.uuid4().hex[:8]}"
+    api.post("/networks/create", json={"Name": name}).raise_for_status()
+    try:
+        yield name
+    finally:
+        api.delete(f"/networks/{name}")
+
+
+def run_parent_container(
+    api: httpx.Client, image: str, cmd: list[str] | None, network: str
+) -> tuple[int, str, dict[str, Any]]:
+    """Run a parent container (the engine's socket mounted) to its end: (status, output,
+    its inspect document). It is removed afterwards, and so must be its runners."""
     socket_path = os.environ["DOCKER_HOST"][len("unix://") :]
     name = f"flame-test-parent-{uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {
+        "Image": image,
+        "HostConfig": {"NetworkMode": network, "Binds": [f"{socket_path}:/var/run/docker.sock"]},
+    }
+    if cmd is not None:
+        body["Cmd"] = cmd
     try:
-        created = api.post(
-            "/containers/create",
-            params={"name": name},
-            json={
-                "Image": test_image,
-                "Cmd": ["python3", "-c", IN_CONTAINER],
-                "HostConfig": {
-                    "NetworkMode": network,
-                    "Binds": [f"{socket_path}:/var/run/docker.sock"],
-                },
-            },
-        )
+        created = api.post("/containers/create", params={"name": name}, json=body)
         created.raise_for_status()
         cid = created.json()["Id"]
         api.post(f"/containers/{cid}/start").raise_for_status()
         status = api.post(f"/containers/{cid}/wait", timeout=50).json()["StatusCode"]
         logs = api.get(f"/containers/{cid}/logs", params={"stdout": 1, "stderr": 1}).content
-        text = _demux(logs)
-        assert status == 0, text
-        doc = inspect(api, cid)
-        out = json.loads(text.strip().splitlines()[-1])
-        assert out["parent"] == cid
-        assert out["image"] == out["runner_image"] == doc["Image"]
-        assert out["network"] == network
-        assert out["runner_networks"] == [network]
-        assert out["ip"]
-        assert out["advertise"] == [out["ip"]] == [out["dialled"]]
+        return status, _demux(logs), inspect(api, cid)
     finally:
         api.delete(f"/containers/{name}", params={"force": "1"})
         assert_no_containers(api, LABEL_RUNNER, timeout=10)
-        api.delete(f"/networks/{network}")
+
+
+@pytest.mark.timeout(60)
+def test_a_parent_in_a_container_defaults_to_its_own_image_and_network(
+    api: httpx.Client, test_image: str
+) -> None:
+    with user_network(api) as network:
+        status, text, doc = run_parent_container(
+            api, test_image, ["python3", "-c", IN_CONTAINER], network
+        )
+    assert status == 0, text
+    out = json.loads(text.strip().splitlines()[-1])
+    assert out["parent"] == doc["Id"]
+    assert out["image"] == out["runner_image"] == doc["Image"]
+    assert out["network"] == network
+    assert out["runner_networks"] == [network]
+    assert out["ip"]
+    assert out["advertise"] == [out["ip"]] == [out["dialled"]]
+
+
+@pytest.mark.timeout(90)
+def test_the_compose_example_runs_its_calls_in_containers_of_its_own_image(
+    api: httpx.Client, test_image: str
+) -> None:
+    # examples/docker, built on the test image instead of python:3.11-slim (no registry)
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name in ("Dockerfile", "app.py"):
+            tar.add(Path(EXAMPLE_DIR, name), arcname=name)
+    tag = f"flame-example:{uuid.uuid4().hex[:8]}"
+    built = api.post(
+        "/build",
+        params={"t": tag, "networkmode": "none", "buildargs": json.dumps({"BASE": test_image})},
+        content=context.getvalue(),
+        headers={"Content-Type": "application/x-tar"},
+        timeout=60,
+    )
+    assert built.status_code == 200 and "errorDetail" not in built.text, built.text
+    try:
+        with user_network(api) as network:
+            status, text, doc = run_parent_container(api, tag, None, network)
+        assert status == 0, text
+        lines = text.strip().splitlines()
+        assert lines[-1] == "done", text
+        runners = {line.rsplit(" ", 1)[-1].rstrip(")") for line in lines[:-1]}
+        assert len(lines) == 7 and runners and doc["Config"]["Hostname"] not in runners, text
+    finally:
+        api.delete(f"/images/{tag}", params={"force": "1"})
 
 
 def _demux(raw: bytes) -> str:

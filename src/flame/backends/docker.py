@@ -613,6 +613,7 @@ class DockerBackend(Backend):
         self._http_loop: asyncio.AbstractEventLoop | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         self._swept = False
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -955,7 +956,9 @@ class DockerBackend(Backend):
         if response.status_code == 201:
             doc = response.json()
             for warning in doc.get("Warnings") or []:
-                logger.info("docker: creating %s: the engine warns: %s", name, warning)
+                if warning not in self._warned:  # the same for every runner: say it once
+                    self._warned.add(warning)
+                    logger.info("docker: creating %s: the engine warns: %s", name, warning)
             return str(doc["Id"])
         text = _message(response)
         if response.status_code >= 500 or response.status_code == 409:
