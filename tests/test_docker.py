@@ -391,9 +391,7 @@ def test_limits_are_enforced_cpu_time_and_an_oom_kill(
 def test_bridge_networks_from_the_host_dial_the_gateway(
     api: httpx.Client, test_image: str, pools: Callable[..., flame.Pool]
 ) -> None:
-    network = f"flame-test-{uuid.uuid4().hex[:8]}"
-    api.post("/networks/create", json={"Name": network}).raise_for_status()
-    try:
+    with user_network(api) as network:
         for name in ("bridge", network):
             backend = DockerBackend(test_image, network=name, app="helpers")
             pool = pools("bridge", backend)
@@ -410,8 +408,6 @@ def test_bridge_networks_from_the_host_dial_the_gateway(
             assert set(inspect(api, c["Id"])["NetworkSettings"]["Networks"]) == {name}
             pool.stop()
             assert_no_containers(api, f"{LABEL_POOL}={pool.name}")
-    finally:
-        api.delete(f"/networks/{network}")
 
 
 @pytest.mark.timeout(60)

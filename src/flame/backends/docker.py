@@ -51,7 +51,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ from .._child._exits import describe_exit
 from .._errors import BootError
 from .._version import __version__
 from ._base import Backend, RunnerHandle, RunnerLaunch
+from ._cleanups import CleanupTasks
 
 try:
     import httpx
@@ -318,6 +319,7 @@ class ContainerHandle(RunnerHandle):
         self._stop_task: asyncio.Task[None] | None = None
         self._streams: list[httpx.Response] = []
         self.state = "not created"
+        self.abandoned = False  # the pool gave up on the boot: start nothing more
 
     @property
     def id(self) -> str:
@@ -343,35 +345,29 @@ class ContainerHandle(RunnerHandle):
     # -- watching ---------------------------------------------------------------------------
     async def _open_streams(self) -> None:
         """Register the exit wait and attach to the output, before the container starts."""
+        wait = await self._stream("wait", {"condition": "next-exit"}, "watch")
+        self._wait_task = asyncio.ensure_future(self._read_wait(wait))
+        params = {"stream": "1", "stdout": "1", "stderr": "1", "logs": "1"}
+        attach = await self._stream("attach", params, "attach to")
+        self._attach_task = asyncio.ensure_future(self._read_output(attach))
+
+    async def _stream(self, endpoint: str, params: dict[str, str], what: str) -> httpx.Response:
+        """A long-lived answer of ``POST /containers/{id}/<endpoint>``, once its headers are
+        in (the engine has registered it)."""
         assert self.container_id is not None
         client = self._backend._client()
-        base = f"{self._where.api}/containers/{self.container_id}"
-        forever = httpx.Timeout(_REQUEST_TIMEOUT, read=None)
-        wait = await client.send(
-            client.build_request(
-                "POST", f"{base}/wait", params={"condition": "next-exit"}, timeout=forever
-            ),
-            stream=True,
+        request = client.build_request(
+            "POST",
+            f"{self._where.api}/containers/{self.container_id}/{endpoint}",
+            params=params,
+            timeout=httpx.Timeout(_REQUEST_TIMEOUT, read=None),
         )
-        self._streams.append(wait)
-        if wait.status_code != 200:
-            await wait.aread()
-            raise BootError(f"Docker engine refused to watch {self.id}: {_message(wait)}")
-        self._wait_task = asyncio.ensure_future(self._read_wait(wait))
-        attach = await client.send(
-            client.build_request(
-                "POST",
-                f"{base}/attach",
-                params={"stream": "1", "stdout": "1", "stderr": "1", "logs": "1"},
-                timeout=forever,
-            ),
-            stream=True,
-        )
-        self._streams.append(attach)
-        if attach.status_code != 200:
-            await attach.aread()
-            raise BootError(f"Docker engine refused to attach to {self.id}: {_message(attach)}")
-        self._attach_task = asyncio.ensure_future(self._read_output(attach))
+        response = await client.send(request, stream=True)
+        self._streams.append(response)
+        if response.status_code != 200:
+            await response.aread()
+            raise BootError(f"the Docker engine refused to {what} {self.id}: {_message(response)}")
+        return response
 
     async def _read_wait(self, response: httpx.Response) -> int | None:
         """The exit status from the wait answer, ``None`` if the stream broke."""
@@ -611,7 +607,7 @@ class DockerBackend(Backend):
         self._where_lock = threading.Lock()
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self._cleanups = CleanupTasks()
         self._swept = False
         self._warned: set[str] = set()
 
@@ -817,20 +813,12 @@ class DockerBackend(Backend):
             self._http_loop = loop
         return self._http
 
-    def _spawn_cleanup(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        return task
+    def _spawn_cleanup(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self._cleanups.spawn(coro)
 
     async def aclose(self) -> None:
         """Wait (up to 15 s) for container removals under way, then close the client."""
-        pending = [t for t in self._cleanups if not t.done()]
-        if pending:
-            _done, late = await asyncio.wait(pending, timeout=_CLEANUP_GRACE)
-            for task in late:
-                logger.warning("docker: a container removal did not finish before close")
-                task.cancel()
+        await self._cleanups.drain(_CLEANUP_GRACE, logger, "docker: a container removal")
         client, self._http = self._http, None
         if client is not None:
             await client.aclose()
@@ -899,7 +887,8 @@ class DockerBackend(Backend):
             await asyncio.shield(task)
         except asyncio.CancelledError:
             # the requests under way are not cut off (the engine may be creating the
-            # container): let them end, then remove what they made
+            # container): let them end, start nothing more, and remove what they made
+            handle.abandoned = True
             self._spawn_cleanup(_finish_abandoned(task, handle))
             raise
         return handle
@@ -912,6 +901,8 @@ class DockerBackend(Backend):
             handle.container_id = await self._create(handle.name, body, launch, where)
             handle.state = "created"
             await handle._open_streams()
+            if handle.abandoned:
+                raise BootError(f"the boot of runner {launch.runner_id} was abandoned")
             await self._start(handle)
             handle.state = "started"
         except BaseException as exc:
