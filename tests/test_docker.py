@@ -373,7 +373,7 @@ def inspect_image_config(api: httpx.Client, name: str) -> dict[str, Any]:
 def test_limits_are_enforced_cpu_time_and_an_oom_kill(
     api: httpx.Client, test_image: str, pools: Callable[..., flame.Pool]
 ) -> None:
-    backend = DockerBackend(test_image, network="host", app="helpers", cpus=0.5, memory_mb=64)
+    backend = DockerBackend(test_image, network="host", app="helpers", cpus=0.5, memory_mb=96)
     pool = pools("limits", backend, idle_shutdown_after=None)
     cpu = flame.call(pool, burn, 2.0, timeout=30)
     # two spinning threads for 2 s of wall time get at most half a CPU: about 1 s
@@ -585,7 +585,10 @@ def test_a_boot_that_times_out_or_is_abandoned_removes_its_container(
 
 # -- a proxy on the engine's socket that loses answers -------------------------------------------
 class LossyProxy:
-    """A unix-socket proxy in front of the engine that loses the answer to chosen requests.
+    """A proxy in front of the engine's socket that loses the answer to chosen requests.
+
+    It listens on a unix socket at ``path``, or on TCP (``path=None``) like an engine
+    exposed on ``tcp://``.
 
     ``lose("POST", "/containers/create", forward=True)`` forwards the next such request to
     the engine, then cuts the client's connection when the answer begins (the engine did
@@ -593,9 +596,11 @@ class LossyProxy:
     ``delay(...)`` holds the answer back for a while instead.
     """
 
-    def __init__(self, upstream: str, path: str) -> None:
+    def __init__(self, upstream: str, path: str | None, bind: str = "127.0.0.1") -> None:
         self.upstream = upstream
-        self.path = path
+        self.path = path  # None: listen on TCP, <bind>:<self.port>
+        self.bind = bind
+        self.port = 0
         self.rules: list[tuple[str, str, str, float]] = []
         self.hits: list[str] = []
         self._loop = asyncio.new_event_loop()
@@ -622,7 +627,11 @@ class LossyProxy:
         self.rules.append((method, path, "delay", seconds))
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        if self.path is not None:
+            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.bind, 0)
+            self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
         assert self._server is not None
@@ -702,6 +711,28 @@ def proxy(api: httpx.Client, tmp_path: Path) -> Iterator[LossyProxy]:
     upstream = os.environ["DOCKER_HOST"][len("unix://") :]
     with LossyProxy(upstream, str(tmp_path / "proxy.sock")) as p:
         yield p
+
+
+@pytest.mark.timeout(60)
+def test_an_engine_on_tcp_works_and_a_remote_one_needs_parent_host(
+    api: httpx.Client, test_image: str, pools: Callable[..., flame.Pool]
+) -> None:
+    upstream = os.environ["DOCKER_HOST"][len("unix://") :]
+    with LossyProxy(upstream, None) as tcp, LossyProxy(upstream, None, "127.0.0.2") as other:
+        host = f"tcp://127.0.0.1:{tcp.port}"
+        pool = pools("tcp", DockerBackend(test_image, host=host, network="host", app="helpers"))
+        assert flame.call(pool, facts, timeout=30)["addresses"][0][0] == "127.0.0.1"
+        pool.stop()
+        # an engine at an address that is not named as this machine's: flame cannot tell
+        # how runners would reach the parent
+        remote = DockerBackend(test_image, host=f"tcp://127.0.0.2:{other.port}")
+        with pytest.raises(ValueError, match="pass parent_host="):
+            remote.validate()
+        told = DockerBackend(
+            test_image, host=f"tcp://127.0.0.2:{other.port}", parent_host="127.0.0.1"
+        )
+        assert told.advertise_hosts() == ["127.0.0.1"]
+    assert_no_containers(api, f"{LABEL_POOL}={pool.name}")
 
 
 @pytest.mark.timeout(60)
@@ -800,6 +831,21 @@ def run_parent_container(
     finally:
         api.delete(f"/containers/{name}", params={"force": "1"})
         assert_no_containers(api, LABEL_RUNNER, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_host_network_parent_container_gets_host_network_runners_on_loopback(
+    api: httpx.Client, test_image: str
+) -> None:
+    # its host name is the host's: the container is found by the id in its cgroup
+    script = IN_CONTAINER.replace('["Networks"][where.network]["IPAddress"]', '["Networks"]')
+    status, text, doc = run_parent_container(api, test_image, ["python3", "-c", script], "host")
+    assert status == 0, text
+    out = json.loads(text.strip().splitlines()[-1])
+    assert out["parent"] == doc["Id"]
+    assert out["network"] == "host"
+    assert out["runner_networks"] == ["host"]
+    assert out["advertise"] == ["127.0.0.1"] == [out["dialled"]]
 
 
 @pytest.mark.timeout(60)
