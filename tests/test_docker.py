@@ -445,9 +445,7 @@ backend = flame.DockerBackend({image!r}, network="host", app="helpers", extra_co
 pool = flame.Pool("orphans", min={min}, max=2, backend=backend, boot_timeout=60)
 if {min}:
     pool.start()
-    pool.cast(ph.hold, 60)
-else:
-    pool.cast(ph.hold, 60)  # boots a runner in the background
+pool.cast(ph.hold, 60)  # with min=0, this boots a runner in the background
 print(json.dumps({{"key": process_key()}}), flush=True)
 time.sleep(600)
 """
