@@ -110,10 +110,17 @@ BACKENDS: dict[str, BackendFactory] = {
     "kubernetes": _kubernetes,
 }
 
+
+def _docker(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from platforms.docker import backend_factory  # a real engine (.ci/tier-docker)
+
+    return backend_factory(stacks)
+
+
 #: backends that need a real service (a platform tier of ``.ci/run``), selected only by
 #: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
 #: service cannot start here
-PLATFORMS: dict[str, BackendFactory] = {}
+PLATFORMS: dict[str, BackendFactory] = {"docker": _docker}
 
 
 def selected_backends() -> list[str]:

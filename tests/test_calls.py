@@ -682,7 +682,7 @@ def _check() -> bool:
         pytest.param(
             {"max": 1, "min_idle_shutdown_after": -1}, "min_idle_shutdown_after", id="min_idle<0"
         ),
-        pytest.param({"max": 1, "backend": "docker"}, "backend", id="unknown-backend"),
+        pytest.param({"max": 1, "backend": "swarm"}, "backend", id="unknown-backend"),
         pytest.param(
             {"max": 1, "idle_shutdown_after": (5, "not callable")},
             "idle_shutdown_after",
@@ -735,7 +735,7 @@ def test_flame_backend_env_picks_the_default(
         assert pid != os.getpid()
     monkeypatch.setenv("FLAME_BACKEND", "Local")
     assert isinstance(flame.Pool("from-env", max=1).backend, flame.LocalBackend)
-    monkeypatch.setenv("FLAME_BACKEND", "docker")
+    monkeypatch.setenv("FLAME_BACKEND", "swarm")
     with pytest.raises(ValueError, match="FLAME_BACKEND"):
         flame.Pool("from-env", max=1)
 
@@ -753,5 +753,5 @@ def test_configure_backend_overrides_the_env(monkeypatch: pytest.MonkeyPatch) ->
         flame.Pool("configured", max=1, backend="process").backend, flame.ProcessBackend
     )
     with pytest.raises(ValueError, match="backend"):
-        flame.configure(backend="docker")
+        flame.configure(backend="swarm")
     assert flame.Pool("configured", max=1).backend is mine  # unchanged by the bad call
