@@ -2,7 +2,7 @@
 
 Each way a runner ends is checked through what a user sees (``BootError`` messages, pool
 stats, calls that complete or fail) and through the runner's exit code, which names the
-reason (``flame._child._exits.ExitCode``). Exit codes are read from the process handles a
+reason (``flame._exits.ExitCode``). Exit codes are read from the process handles a
 ``RecordingProcessBackend`` keeps, or from runners started by hand with a ``FLAME_PARENT``
 built with ``LaunchInfo(...).encode()``.
 

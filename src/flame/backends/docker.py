@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _redact
-from .._child._exits import describe_exit
+from .._exits import describe_exit
 from .._errors import BootError
 from .._version import __version__
 from ._base import Backend, RunnerHandle, RunnerLaunch
