@@ -66,10 +66,16 @@ def _image_env() -> dict[str, str]:
 
 
 def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from flame.backends.fly import FlyRateLimits
     from flame.testing.fly import FlyMachinesEmulator
 
+    # Fly's rate limits, 50 times faster on both sides: the suite boots hundreds of runners
+    # (tests/test_fly_pacing.py holds the backend to the real ones)
+    limits = FlyRateLimits().scaled(50)
     emu = stacks.module.enter_context(
-        FlyMachinesEmulator(token="test-token", app="flame-tests", extra_env=_image_env())
+        FlyMachinesEmulator(
+            token="test-token", app="flame-tests", extra_env=_image_env(), rate_limits=limits
+        )
     )
     return lambda: flame.FlyBackend(
         host=emu.url,
@@ -79,6 +85,7 @@ def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
         advertise_host="127.0.0.1",
         cpus=1,
         retry_backoff=0.01,
+        rate_limits=limits,
     )
 
 
