@@ -90,6 +90,18 @@ def launch(argv: tuple[str, ...] = SLEEP, runner_id: str = "r1") -> RunnerLaunch
     return RunnerLaunch(runner_id=runner_id, pool="thumbs", env={"FLAME_PARENT": SECRET}, argv=argv)
 
 
+def boot_and_stop(emulator: FlyMachinesEmulator, **options: Any) -> str:
+    """Boot one machine with a backend of ``options``, stop it; its id."""
+
+    async def scenario() -> str:
+        async with opened(make_backend(emulator, **options)) as backend:
+            handle = await backend.boot(launch())
+            await handle.stop()
+            return handle.id
+
+    return run(scenario())
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -501,13 +513,7 @@ def test_wrong_app_is_a_boot_error_with_a_hint(emulator: FlyMachinesEmulator) ->
 @pytest.mark.parametrize("token", ["FlyV1 fm2_abc,fm2_def", "fm2_abc,fm2_def"])
 def test_macaroon_tokens_use_the_flyv1_scheme(token: str) -> None:
     with FlyMachinesEmulator(token="FlyV1 fm2_abc,fm2_def", app=APP) as emu:
-
-        async def scenario() -> None:
-            async with opened(make_backend(emu, token=token)) as backend:
-                handle = await backend.boot(launch())
-                await handle.stop()
-
-        run(scenario())
+        boot_and_stop(emu, token=token)
         assert all(r.authorized for r in emu.requests)
 
 
@@ -522,13 +528,7 @@ def test_capacity_and_rate_limit_answers_are_retried(emulator: FlyMachinesEmulat
         400, message="no capacity in ams", error_status="insufficient_capacity"
     )
 
-    async def scenario() -> str:
-        async with opened(make_backend(emulator)) as backend:
-            handle = await backend.boot(launch())
-            await handle.stop()
-            return handle.id
-
-    machine_id = run(scenario())
+    machine_id = boot_and_stop(emulator)
     assert [r.status for r in emulator.requests_for("create")] == [429, 412, 409, 422, 400, 200]
     assert [m.id for m in emulator.machines()] == [machine_id]
 
@@ -596,13 +596,7 @@ def test_every_boot_error_quotes_the_fly_request_id(emulator: FlyMachinesEmulato
 
 def test_server_errors_are_retried_after_checking_by_name(emulator: FlyMachinesEmulator) -> None:
     emulator.fail_next_creates(503, message="upstream unavailable")
-
-    async def scenario() -> None:
-        async with opened(make_backend(emulator)) as backend:
-            handle = await backend.boot(launch())
-            await handle.stop()
-
-    run(scenario())
+    boot_and_stop(emulator)
     assert [(r.action, r.status) for r in emulator.requests if r.action in ("create", "list")] == [
         ("create", 503),
         ("list", 200),
@@ -654,13 +648,7 @@ def test_a_look_up_that_misses_makes_no_twin(emulator: FlyMachinesEmulator) -> N
     emulator.lose_next_create_answer()
     emulator.fail_next("list", 503)
 
-    async def scenario() -> str:
-        async with opened(make_backend(emulator)) as backend:
-            handle = await backend.boot(launch())
-            await handle.stop()
-            return handle.id
-
-    machine_id = run(scenario())
+    machine_id = boot_and_stop(emulator)
     assert [m.id for m in emulator.machines()] == [machine_id]
     assert [(r.action, r.status) for r in emulator.requests if r.action in ("create", "list")] == [
         ("create", 0),
