@@ -74,11 +74,19 @@ def _image_env() -> dict[str, str]:
 
 
 def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from flame.backends.fly import FlyRateLimits
     from flame.testing.fly import FlyMachinesEmulator
+    from helpers import fly_traffic
 
+    # Fly's rate limits, 50 times faster on both sides: the suite boots hundreds of runners
+    # (tests/test_fly_pacing.py holds the backend to the real ones)
+    limits = FlyRateLimits().scaled(50)
     emu = stacks.module.enter_context(
-        FlyMachinesEmulator(token="test-token", app="flame-tests", extra_env=_image_env())
+        FlyMachinesEmulator(
+            token="test-token", app="flame-tests", extra_env=_image_env(), rate_limits=limits
+        )
     )
+    fly_traffic.EMULATORS.append(emu)  # every request is checked against Fly's schema
     return lambda: flame.FlyBackend(
         host=emu.url,
         token="test-token",
@@ -87,6 +95,7 @@ def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
         advertise_host="127.0.0.1",
         cpus=1,
         retry_backoff=0.01,
+        rate_limits=limits,
     )
 
 
@@ -276,6 +285,12 @@ def _no_runner_outlives_its_module() -> Iterator[None]:
     leaked = runner_pids() - before
     if leaked:
         assert_pids_gone(leaked, 10.0, what="flame runner (leaked by this module)")
+
+
+# -- order ---------------------------------------------------------------------------------------
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``after_suite`` check what the rest of the session did: they run last."""
+    items.sort(key=lambda item: item.get_closest_marker("after_suite") is not None)
 
 
 # -- platform tiers: a skip is a failure where CI says so ------------------------------------
