@@ -700,9 +700,11 @@ class Pool:
                 self._runners.pop(runner.rid, None)
                 actions = self._core.boot_failed(runner.rid, exc, time.monotonic())
                 self._apply(actions)
-            told = any(isinstance(a, _scaling.Fail) for a in actions)
-            if self._state == "started" and not told:  # no caller got it: say it here
-                logger.warning("pool %r: %s", self.name, exc)
+            if self._state == "started":  # loud only when no caller was given the error
+                told = any(isinstance(a, _scaling.Fail) for a in actions)
+                logger.log(
+                    logging.DEBUG if told else logging.WARNING, "pool %r: %s", self.name, exc
+                )
             self._notify_gone()
             return
         self._boot_tasks.pop(runner.rid, None)

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _redact
-from .._exits import describe_exit
 from .._errors import BootError
+from .._exits import describe_exit
 from .._version import __version__
 from ._base import Backend, RunnerHandle, RunnerLaunch
 from ._cleanups import CleanupTasks
