@@ -9,13 +9,15 @@ this run:
   events: a slot is released (the first caller in line takes it), a caller arrives, a
   caller with a short deadline arrives, a caller in the middle of the queue withdraws, time
   passes and a tick fails the short one, and another caller arrives; so ``W`` stays put.
-  Figure: microseconds per event (the median over samples of a sample's time over its
-  events), for ``W`` = 10 ... 1,000,000 and ``R`` = 1 ... 10,000. The old core costs
-  O(W + R) per event: it is measured up to ``W`` = 100,000 only (at a million waiters one
-  event takes a large fraction of a second).
+  Figure: CPU microseconds per event (the median over 15 samples of a sample's CPU time,
+  of the measuring thread, over its events; CPU rather than wall time so that what the OS
+  gives other processes on a shared machine is not counted), for ``W`` = 10 ... 1,000,000
+  and ``R`` = 1 ... 10,000. Every cell of the indexed core is built first and the cells are
+  sampled in turns. The old core costs O(W + R) per event: it is measured up to
+  ``W`` = 100,000 only (at a million waiters one event would take most of a second).
 * *burst*: ``N`` callers arrive at once on a full pool of 2 runners x 4 slots (as in the
-  issue), then every slot frees ``N`` times until all are served: microseconds per event,
-  over the ``2N`` events. The old core is O(N) per event, so O(N^2) per burst: it is
+  issue), then every slot frees ``N`` times until all are served: CPU microseconds per
+  event, over the ``2N`` events. The old core is O(N) per event, so O(N^2) per burst: it is
   measured up to ``N`` = 2,000.
 
 **Real batches, through the public API only** (``--real``, and in ``python -m bench``):
@@ -43,6 +45,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 import random
 import subprocess
@@ -71,8 +74,8 @@ from .harness import (
 )
 from .work import count_one, counted_after, noop, pid_after
 
-CORE_GROUP = "scaling core, churn: µs per event (R runners x 4 slots, all busy; W waiting)"
-BURST_GROUP = "scaling core, burst: µs per event (N callers on 2 runners x 4 slots, served)"
+CORE_GROUP = "scaling core, churn: CPU µs per event (R runners x 4 slots, all busy; W waiting)"
+BURST_GROUP = "scaling core, burst: CPU µs per event (N callers on 2 runners x 4 slots, served)"
 REAL_GROUP = "pool at batch scale (public API)"
 IDLE_GROUP = "idle runners: parent cost"
 
@@ -85,7 +88,12 @@ OLD_MAX_BURST = 2_000  # the old core is O(N^2) per burst
 FAR = 1e9  # deadlines that never pass during a measurement
 DT = 1e-3  # simulated seconds per churn cycle
 EVENTS_PER_CYCLE = 6
-SAMPLE_SECONDS = 0.05  # each churn sample runs about this long
+SAMPLE_SECONDS = 0.025  # each churn sample runs about this long
+OLD_SAMPLES = 3  # the old core's samples per cell (one takes up to a second at W = 100,000)
+
+#: the core's figures are CPU time of the measuring thread: on a shared machine, the time the
+#: OS gives other processes would otherwise land in whichever sample it hits
+_clock = time.thread_time
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "scaling_reference.py"
 
@@ -102,7 +110,7 @@ class Sizes:
     idle_seconds: float
 
 
-FULL = Sizes(WAITERS, RUNNERS, BURSTS, 5, (2_000, 20_000), 100_000, 200, 10.0)
+FULL = Sizes(WAITERS, RUNNERS, BURSTS, 15, (2_000, 20_000), 100_000, 200, 10.0)
 SMOKE = Sizes((10, 1_000), (1, 10), (100,), 1, (50, 200), 200, 4, 1.0)
 
 
@@ -184,7 +192,7 @@ class Churn:
         """Seconds per event over ``plan``."""
         core, now = self.core, self.now
         release, request, withdraw, tick = core.release, core.request, core.withdraw, core.tick
-        t = time.perf_counter()
+        t = _clock()
         for r, a, b, c, d in plan:
             now += DT
             release(r, now)
@@ -194,7 +202,7 @@ class Churn:
             now += DT
             tick(now)
             request(d, FAR + d, now)
-        elapsed = time.perf_counter() - t
+        elapsed = _clock() - t
         self.now = now
         return elapsed / (len(plan) * EVENTS_PER_CYCLE)
 
@@ -215,50 +223,49 @@ def burst(core: Any, n: int) -> float:
     release, request = core.release, core.request
     rids = [r.id for r in core.runners.values()]
     base = core.in_flight()
-    t = time.perf_counter()
+    t = _clock()
     for i in range(n):
         request(base + i, 30.0 + i * 1e-6, 0.0)
     for i in range(n):
         release(rids[i % len(rids)], 1e-6 * i)
-    elapsed = time.perf_counter() - t
+    elapsed = _clock() - t
     if core.waiters:
         raise RuntimeError("burst left callers waiting")
     return elapsed / (2 * n)
 
 
 def bench_core(counts: Counts) -> list[Figure]:
-    """Churn and burst figures for both cores (µs per event). For each runner count, every
-    waiter count's core (both kinds) is built first, then all are sampled in turns, so that
-    a noisy spell on the machine hits them all alike."""
+    """Churn and burst figures for both cores (µs per event). For each runner count, the
+    cores for every waiter count are built first, then sampled in turns (15 rounds of about
+    25 ms each for the indexed core), so that a noisy spell on the machine hits them all
+    alike; the old core gets 3 rounds (its figures are orders of magnitude apart)."""
     sz = sizes_for(counts)
     ref = reference_module()
     figs: list[Figure] = []
+    got: dict[tuple[int, int, str], Figure] = {}
+    new = {(w, r): Churn(busy_pool(w, r), w, r) for r in sz.runners for w in sz.waiters}
+    _sample_in_turns(got, "indexed", new, sz.samples)
+    del new
+    if ref is not None:
+        for r in sz.runners:
+            old = {
+                (w, r): Churn(as_reference(busy_pool(w, r), ref), w, r)
+                for w in sz.waiters
+                if w <= OLD_MAX_WAITERS
+            }
+            _sample_in_turns(got, "old", old, min(sz.samples, OLD_SAMPLES))
+            del old
     for r in sz.runners:
-        names: list[str] = []
-        churns: list[Churn] = []
         for w in sz.waiters:
-            names.append(f"W={w:,} R={r:,}: indexed core")
-            churns.append(Churn(busy_pool(w, r), w, r))
-            if ref is not None and w <= OLD_MAX_WAITERS:
-                names.append(f"W={w:,} R={r:,}: old core")
-                churns.append(Churn(as_reference(busy_pool(w, r), ref), w, r))
-        samples = interleaved([c.sample for c in churns], sz.samples, rounds=sz.samples)
-        del churns
-        got = {
-            nm: figure(CORE_GROUP, nm, _us(ts), "µs") for nm, ts in zip(names, samples, strict=True)
-        }
-        for w in sz.waiters:
-            new, old = got[f"W={w:,} R={r:,}: indexed core"], got.get(f"W={w:,} R={r:,}: old core")
-            if old is not None:
-                figs += [old, relate(new, old)]
+            fast, slow = got[(w, r, "indexed")], got.get((w, r, "old"))
+            if slow is not None:
+                figs += [slow, relate(fast, slow)]
                 continue
             if ref is not None:
-                figs.append(
-                    skipped(
-                        CORE_GROUP, f"W={w:,} R={r:,}: old core", "O(W) per event: capped", "µs"
-                    )
-                )
-            figs.append(new)
+                why = "O(W) per event: capped"
+                figs.append(skipped(CORE_GROUP, f"W={w:,} R={r:,}: old core", why, "µs"))
+            figs.append(fast)
+    figs += flatness(figs)
     bursts = min(sz.samples, 3)
     for n in sz.bursts:
         new = figure(
@@ -280,6 +287,52 @@ def bench_core(counts: Counts) -> list[Figure]:
         )
         figs += [old, relate(new, old)]
     return figs
+
+
+def _sample_in_turns(
+    out: dict[tuple[int, int, str], Figure],
+    kind: str,
+    churns: dict[tuple[int, int], Churn],
+    n: int,
+) -> None:
+    """``n`` samples of each churn, taken in turns (``harness.interleaved``), as figures."""
+    samples = interleaved([c.sample for c in churns.values()], n, rounds=n)
+    for (w, r), ts in zip(churns, samples, strict=True):
+        out[(w, r, kind)] = figure(CORE_GROUP, f"W={w:,} R={r:,}: {kind} core", _us(ts), "µs")
+
+
+def _cells(figs: Sequence[Figure]) -> dict[tuple[int, int, str], float]:
+    """The churn medians by (waiters, runners, "indexed" or "old")."""
+    cells = {}
+    for f in figs:
+        if f.group != CORE_GROUP or f.median is None or not f.name.startswith("W="):
+            continue
+        size, core = f.name.split(": ")
+        w, r = (int(p.split("=")[1].replace(",", "")) for p in size.split())
+        cells[(w, r, core.split()[0])] = f.median
+    return cells
+
+
+def flatness(figs: Sequence[Figure]) -> list[Figure]:
+    """The done-when of issue 17 as two figures: the indexed core's largest max/min ratio
+    over W = 1,000 ... 1,000,000 (at any R), and over R = 10 ... 10,000 (at any W)."""
+    cells = {(w, r): v for (w, r, k), v in _cells(figs).items() if k == "indexed"}
+    ws = sorted({w for w, _ in cells if w >= 1000})
+    rs = sorted({r for _, r in cells if r >= 10})
+
+    def spread(vals: list[float]) -> float:
+        return max(vals) / min(vals) if vals else math.nan
+
+    over_w = max(
+        (spread([cells[(w, r)] for w in ws if (w, r) in cells]) for r in rs), default=math.nan
+    )
+    over_r = max(
+        (spread([cells[(w, r)] for r in rs if (w, r) in cells]) for w in ws), default=math.nan
+    )
+    return [
+        _one(CORE_GROUP, "indexed core: worst max/min over W >= 1,000 (target <= 2)", over_w, "x"),
+        _one(CORE_GROUP, "indexed core: worst max/min over R >= 10 (target <= 2)", over_r, "x"),
+    ]
 
 
 def _us(seconds: list[float]) -> list[float]:
@@ -515,13 +568,7 @@ def failures(figs: Sequence[Figure]) -> list[str]:
 def matrix(figs: Sequence[Figure]) -> str:
     """The churn figures as a grid: a row per runner count, a column per waiter count, each
     cell ``indexed / old`` in µs per event."""
-    cells: dict[tuple[int, int, str], float] = {}
-    for f in figs:
-        if f.group != CORE_GROUP or f.median is None:
-            continue
-        size, core = f.name.split(": ")
-        w, r = (int(p.split("=")[1].replace(",", "")) for p in size.split())
-        cells[(w, r, core.split()[0])] = f.median
+    cells = _cells(figs)
     ws = sorted({w for w, _, _ in cells})
     rs = sorted({r for _, r, _ in cells})
     head = f"{'µs/event':>10} | " + " | ".join(f"W={w:<,}".rjust(15) for w in ws)
@@ -558,12 +605,8 @@ def plot(figs: Sequence[Figure], path: str) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[tuple[str, int], list[tuple[int, float]]] = {}
-    for f in figs:
-        if f.group != CORE_GROUP or f.median is None:
-            continue
-        size, core = f.name.split(": ")
-        w, r = (int(p.split("=")[1].replace(",", "")) for p in size.split())
-        series.setdefault((core.split()[0], r), []).append((w, f.median))
+    for (w, r, core), us in _cells(figs).items():
+        series.setdefault((core, r), []).append((w, us))
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     runners = sorted({r for _, r in series})
@@ -576,12 +619,12 @@ def plot(figs: Sequence[Figure], path: str) -> None:
                     [us for _, us in pts],
                     style,
                     color=colors[i % len(colors)],
-                    label=f"{core} core, {r:,} runners",
+                    label=f"{core} core, {r:,} runner{'s' if r > 1 else ''}",
                 )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("callers waiting (W)")
-    ax.set_ylabel("µs per event (median)")
+    ax.set_ylabel("CPU µs per event (median)")
     ax.set_title("flame scaling core: cost per event (churn, 4 slots per runner, all busy)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
