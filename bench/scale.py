@@ -29,9 +29,14 @@ this run:
   that does the most work);
 * 100,000 ``flame.cast`` drained by a 4-runner ``ProcessBackend`` pool: the same figures,
   from the first cast to the last one done;
+* parent RSS per caller waiting in the queue: 20,000 ``acall`` (or ``cast``) queued behind
+  the only slot of a ``LocalBackend`` pool, against 20,000 plain asyncio tasks waiting;
 * 200 idle ``ProcessBackend`` runners (``min=max=200``): the parent's CPU per second spent
-  on their heartbeats while nothing else happens, and the parent's RSS per runner. Each of
-  these runs in a fresh interpreter (``python -m bench.scale --child ...``).
+  on their heartbeats while nothing else happens, and the parent's RSS per runner.
+
+Each real run is a fresh interpreter (``python -m bench.scale --child ...``), so that memory
+and threads left by one do not touch the next; one that fails or takes longer than 20
+minutes gives a FAILED row, and the others still run.
 
 ``python -m bench.scale`` runs all of it and prints a matrix per core; ``--plot PATH``
 writes the log-log plot of the churn figures (matplotlib, from the ``bench`` extra);
@@ -72,7 +77,7 @@ from .harness import (
     settled_rss,
     skipped,
 )
-from .work import count_one, counted_after, noop, pid_after
+from .work import count_one, counted_after, hold_until_released, noop, pid_after, release_held
 
 CORE_GROUP = "scaling core, churn: CPU µs per event (R runners x 4 slots, all busy; W waiting)"
 BURST_GROUP = "scaling core, burst: CPU µs per event (N callers on 2 runners x 4 slots, served)"
@@ -106,12 +111,13 @@ class Sizes:
     samples: int
     gathers: tuple[int, ...]  # acalls per gather
     casts: int
+    queued: int  # callers queued for the memory figures
     idle_runners: int
     idle_seconds: float
 
 
-FULL = Sizes(WAITERS, RUNNERS, BURSTS, 15, (2_000, 20_000), 100_000, 200, 10.0)
-SMOKE = Sizes((10, 1_000), (1, 10), (100,), 1, (50, 200), 200, 4, 1.0)
+FULL = Sizes(WAITERS, RUNNERS, BURSTS, 15, (2_000, 20_000), 100_000, 20_000, 200, 10.0)
+SMOKE = Sizes((10, 1_000), (1, 10), (100,), 1, (50, 200), 200, 200, 4, 1.0)
 
 
 def sizes_for(counts: Counts) -> Sizes:
@@ -426,6 +432,39 @@ async def _casts(n: int) -> dict[str, Any]:
     return {"wall": wall, "issued": issued, "cpu": cpu, "runner_cpu": rcpu, "peak_rss": peak - rss0}
 
 
+async def _queued(kind: str, n: int) -> dict[str, Any]:
+    """Parent RSS per caller waiting in the queue (``acall`` or ``cast``), against the same
+    number of plain asyncio tasks waiting on an event."""
+    event = asyncio.Event()
+    before = settled_rss()
+    plain = [asyncio.ensure_future(event.wait()) for _ in range(n)]
+    await asyncio.sleep(0)  # let them reach their wait
+    per_task = (settled_rss() - before) / n
+    event.set()
+    await asyncio.gather(*plain)
+    del plain
+    async with _pool("bench-scale-queued", "local", 1, 1) as pool:
+        hold = asyncio.ensure_future(flame.acall(pool, hold_until_released))
+        while pool.stats().in_flight < 1:  # noqa: ASYNC110 (no event tells a slot is taken)
+            await asyncio.sleep(0.01)
+        before = settled_rss()
+        calls = []
+        if kind == "acall":
+            calls = [asyncio.ensure_future(flame.acall(pool, noop)) for _ in range(n)]
+        else:
+            for _ in range(n):
+                flame.cast(pool, noop)
+        while pool.stats().waiting < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        per_caller = (settled_rss() - before) / n
+        release_held()
+        await hold
+        await asyncio.gather(*calls)
+        while pool.stats().waiting or pool.stats().in_flight:  # noqa: ASYNC110 (casts)
+            await asyncio.sleep(0.01)
+    return {"task": per_task, "queued": per_caller}
+
+
 def _idle(n: int, seconds: float) -> dict[str, Any]:
     flame.configure(failsafe_timeout=600.0)  # n runners booting at once on few cores
     with flame.Pool("bench-scale-idle-0", min=0, max=1, backend=flame.ProcessBackend()):
@@ -453,6 +492,8 @@ def child(kind: str, n: int, seconds: float) -> dict[str, Any]:
         return asyncio.run(_casts(n))
     if kind == "idle":
         return _idle(n, seconds)
+    if kind in ("queued-acall", "queued-cast"):
+        return asyncio.run(_queued(kind.split("-")[1], n))
     raise ValueError(f"unknown child run {kind!r}")
 
 
@@ -529,6 +570,19 @@ def bench_real(counts: Counts) -> list[Figure]:
         ]
     except Exception as exc:
         figs.append(failed(REAL_GROUP, f"{label}: wall", exc))
+    for kind in ("acall", "cast"):
+        label = f"parent RSS per queued {kind} ({sz.queued:,} waiting, local 1x1)"
+        try:
+            r = _run_child(f"queued-{kind}", sz.queued)
+            task = _one(
+                REAL_GROUP,
+                f"parent RSS per plain asyncio task waiting ({sz.queued:,})",
+                r["task"],
+                "B",
+            )
+            figs += [task, relate(_one(REAL_GROUP, label, r["queued"], "B"), task)]
+        except Exception as exc:
+            figs.append(failed(REAL_GROUP, label, exc, "B"))
     label = f"{sz.idle_runners} idle process runners"
     try:
         r = _run_child("idle", sz.idle_runners, sz.idle_seconds)

@@ -68,3 +68,16 @@ def counted_after(seconds: float) -> tuple[int, int]:
     time.sleep(seconds)
     with _count_lock:
         return os.getpid(), _counted
+
+
+_released = threading.Event()
+
+
+def hold_until_released(limit: float = 300.0) -> bool:
+    """Block until :func:`release_held` is called in this process (in-process runners
+    only: a ``LocalBackend`` pool shares this module's event with its caller)."""
+    return _released.wait(limit)
+
+
+def release_held() -> None:
+    _released.set()
