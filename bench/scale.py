@@ -576,7 +576,7 @@ def bench_real(counts: Counts) -> list[Figure]:
             r = _run_child(f"queued-{kind}", sz.queued)
             task = _one(
                 REAL_GROUP,
-                f"parent RSS per plain asyncio task waiting ({sz.queued:,})",
+                f"parent RSS per plain asyncio task waiting ({sz.queued:,}, {kind} run)",
                 r["task"],
                 "B",
             )
