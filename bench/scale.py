@@ -19,8 +19,10 @@ this run:
   issue), then every slot frees ``N`` times until all are served: CPU microseconds per
   event, over the ``2N`` events. The old core is O(N) per event, so O(N^2) per burst: it is
   measured up to ``N`` = 2,000.
+* the bytes the indexed core holds per waiting caller (tracemalloc, 100,000 waiting).
 
-**Real batches, through the public API only** (``--real``, and in ``python -m bench``):
+**Real batches, through the public API only** (also in ``python -m bench``; ``--core`` leaves
+them out):
 
 * ``asyncio.gather`` of ``N`` trivial ``flame.acall`` (N = 2,000 and 20,000) through a
   ``LocalBackend`` pool (2 runners x 4 slots) and a ``ProcessBackend`` pool (4 runners x 8
@@ -112,12 +114,13 @@ class Sizes:
     gathers: tuple[int, ...]  # acalls per gather
     casts: int
     queued: int  # callers queued for the memory figures
+    held: int  # waiters in the core's memory figure
     idle_runners: int
     idle_seconds: float
 
 
-FULL = Sizes(WAITERS, RUNNERS, BURSTS, 15, (2_000, 20_000), 100_000, 20_000, 200, 10.0)
-SMOKE = Sizes((10, 1_000), (1, 10), (100,), 1, (50, 200), 200, 200, 4, 1.0)
+FULL = Sizes(WAITERS, RUNNERS, BURSTS, 15, (2_000, 20_000), 100_000, 20_000, 100_000, 200, 10.0)
+SMOKE = Sizes((10, 1_000), (1, 10), (100,), 1, (50, 200), 200, 200, 1_000, 4, 1.0)
 
 
 def sizes_for(counts: Counts) -> Sizes:
@@ -224,6 +227,31 @@ class Churn:
         return out
 
 
+def held_per_waiter(waiters: int) -> float:
+    """Bytes the indexed core holds per waiting caller (tracemalloc, over a pool built with
+    ``waiters`` waiting on 10 busy runners, against the same pool with none)."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        empty = busy_pool(0, 10)
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0] - before
+        del empty
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        full = busy_pool(waiters, 10)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        del full
+    finally:
+        tracemalloc.stop()
+    return (held - base) / waiters
+
+
 def burst(core: Any, n: int) -> float:
     """Seconds per event: ``n`` callers arrive on a full pool, then are served one by one."""
     release, request = core.release, core.request
@@ -272,6 +300,14 @@ def bench_core(counts: Counts) -> list[Figure]:
                 figs.append(skipped(CORE_GROUP, f"W={w:,} R={r:,}: old core", why, "µs"))
             figs.append(fast)
     figs += flatness(figs)
+    figs.append(
+        _one(
+            CORE_GROUP,
+            f"indexed core: bytes held per waiting caller (W={sz.held:,})",
+            held_per_waiter(sz.held),
+            "B",
+        )
+    )
     bursts = min(sz.samples, 3)
     for n in sz.bursts:
         new = figure(
