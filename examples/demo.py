@@ -9,8 +9,8 @@ is printed as it happens.
 from __future__ import annotations
 
 import os
-import threading
 import sys
+import threading
 import time
 
 import flame
