@@ -63,6 +63,9 @@ class CallTarget(Protocol):
     @property
     def pickles_calls(self) -> bool: ...
 
+    @property
+    def started(self) -> bool: ...
+
     def ensure_started(self) -> None: ...
 
     async def aensure_started(self) -> None: ...
@@ -129,7 +132,8 @@ def _skeleton(
     a call, placing a child (the result is the :class:`Child`), or a call on ``child``.
     ``loop``: the asyncio caller's loop (``None`` for a thread)."""
     if child is None:
-        yield _Start(pool)
+        if not pool.started:
+            yield _Start(pool)
         section = encode_call(pool, fn, args)
         wait_deadline, overall, default_run = _plan(pool, timeout)
         runner: Runner = yield _Checkout(pool, wait_deadline)
@@ -148,8 +152,12 @@ def _skeleton(
         flags |= _wire.FLAG_CHILD
     run_limit = None if kind is Kind.PLACE else limit  # a child lives on after it is built
     child_id = child._id if child is not None else 0
+    send = _Send(runner, pending, flags, run_limit, fn, args, section, child_id)
     try:
-        yield _Send(runner, pending, flags, run_limit, fn, args, section, child_id)
+        if _section_size(section) > _BIG_SEND:
+            yield send  # the async driver writes a large frame from a worker thread
+        else:
+            _send(send)
     except BaseException:
         runner.abort(pending.call_id)
         raise
@@ -196,16 +204,16 @@ def run_sync(skeleton: Skeleton) -> Any:
     try:
         while True:
             try:
-                if isinstance(step, _Start):
-                    step.pool.ensure_started()
-                    answer: Any = None
+                if isinstance(step, _Wait):
+                    answer: Any = step.pending.wait(step.timeout)
                 elif isinstance(step, _Checkout):
                     answer = step.pool.checkout(step.deadline)
                 elif isinstance(step, _Send):
                     _send(step)
                     answer = None
                 else:
-                    answer = step.pending.wait(step.timeout)
+                    step.pool.ensure_started()
+                    answer = None
             except BaseException as exc:
                 step = skeleton.throw(exc)
             else:
@@ -220,9 +228,8 @@ async def run_async(skeleton: Skeleton) -> Any:
     try:
         while True:
             try:
-                if isinstance(step, _Start):
-                    await step.pool.aensure_started()
-                    answer: Any = None
+                if isinstance(step, _Wait):
+                    answer: Any = await step.pending.wait_async(step.timeout)
                 elif isinstance(step, _Checkout):
                     got = step.pool.acheckout(step.deadline)
                     if not isinstance(got, Runner):  # queued: the future, and no frame
@@ -233,14 +240,12 @@ async def run_async(skeleton: Skeleton) -> Any:
                             raise
                         got = step.pool.outcome(got)
                     answer = got
-                elif isinstance(step, _Send):
-                    if _section_size(step.section) > _BIG_SEND:
-                        await asyncio.to_thread(_send, step)
-                    else:
-                        _send(step)
+                elif isinstance(step, _Send):  # a large frame: not from the event loop
+                    await asyncio.to_thread(_send, step)
                     answer = None
                 else:
-                    answer = await step.pending.wait_async(step.timeout)
+                    await step.pool.aensure_started()
+                    answer = None
             except BaseException as exc:
                 step = skeleton.throw(exc)
             else:

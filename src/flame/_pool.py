@@ -348,6 +348,11 @@ class Pool:
                 ) from error
         self._log(f"pool {self.name!r} started ({self.backend.name} backend)")
 
+    @property
+    def started(self) -> bool:
+        """Whether the pool is started (and not stopping)."""
+        return self._state == "started"
+
     def ensure_started(self) -> None:
         if self._state == "started":
             return
