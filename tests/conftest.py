@@ -235,6 +235,19 @@ def make_pool(
     )
 
 
+@pytest.fixture(autouse=True)
+def _names_freed() -> Iterator[None]:
+    """Pools a test created and never started are stopped after it, so that their names
+    are free for the next test (a pool's name is its until it is stopped)."""
+    from flame._pool import _registry
+
+    before = set(_registry.values())
+    yield
+    for pool in list(_registry.values()):
+        if pool not in before and not pool.started:
+            pool.stop()
+
+
 # -- configuration -------------------------------------------------------------------------------
 _CONFIGURABLE = (
     "backend",

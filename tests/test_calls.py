@@ -592,8 +592,10 @@ def test_unknown_pool_name_raises_pool_not_found() -> None:
             await flame.acall("no-such-pool", add, 1, 2)
 
     asyncio.run(main())
-    # created but never started: not registered either
-    flame.Pool("created-not-started", max=1)
+    # created but never started: callable by name (the first call starts it), until stopped
+    created = flame.Pool("created-not-started", max=1, backend=flame.LocalBackend())
+    assert flame.call("created-not-started", add, 1, 2) == 3
+    created.stop()
     with pytest.raises(flame.PoolNotFound):
         flame.call("created-not-started", add, 1, 2)
 
@@ -714,6 +716,13 @@ def test_valid_idle_tuple_and_none_times_are_accepted() -> None:
 
 
 # -- configuration -----------------------------------------------------------------------------
+def backend_of(name: str, **options: Any) -> flame.Backend:
+    """The backend a new pool gets (the pool is stopped at once: its name is free again)."""
+    pool = flame.Pool(name, max=1, **options)
+    pool.stop()
+    return pool.backend
+
+
 @pytest.mark.usefixtures("flame_defaults")
 def test_default_backend_is_local(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
@@ -734,7 +743,7 @@ def test_flame_backend_env_picks_the_default(
         runner_pids_seen.add(pid)
         assert pid != os.getpid()
     monkeypatch.setenv("FLAME_BACKEND", "Local")
-    assert isinstance(flame.Pool("from-env", max=1).backend, flame.LocalBackend)
+    assert isinstance(backend_of("from-env"), flame.LocalBackend)
     monkeypatch.setenv("FLAME_BACKEND", "swarm")
     with pytest.raises(ValueError, match="FLAME_BACKEND"):
         flame.Pool("from-env", max=1)
@@ -744,14 +753,12 @@ def test_flame_backend_env_picks_the_default(
 def test_configure_backend_overrides_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLAME_BACKEND", "local")
     flame.configure(backend="process")
-    assert isinstance(flame.Pool("configured", max=1).backend, flame.ProcessBackend)
+    assert isinstance(backend_of("configured"), flame.ProcessBackend)
     mine = flame.LocalBackend(serialize=True)
     flame.configure(backend=mine)
-    assert flame.Pool("configured", max=1).backend is mine
+    assert backend_of("configured") is mine
     # an explicit backend option still wins
-    assert isinstance(
-        flame.Pool("configured", max=1, backend="process").backend, flame.ProcessBackend
-    )
+    assert isinstance(backend_of("configured", backend="process"), flame.ProcessBackend)
     with pytest.raises(ValueError, match="backend"):
         flame.configure(backend="swarm")
-    assert flame.Pool("configured", max=1).backend is mine  # unchanged by the bad call
+    assert backend_of("configured") is mine  # unchanged by the bad call

@@ -20,7 +20,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
@@ -45,9 +44,9 @@ Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("flame")
 
-#: every pool that is not stopped, by name (weakly: a pool nobody holds and nobody started
-#: frees its name); started pools are also held in _running
-_registry: weakref.WeakValueDictionary[str, Pool] = weakref.WeakValueDictionary()
+#: every pool that is not stopped, by name: only stop() frees a name (a pool made in an
+#: AppConfig.ready() and not kept is still callable by name); started pools are in _running
+_registry: dict[str, Pool] = {}
 _running: set[Pool] = set()
 _registry_lock = threading.Lock()
 _KILL_GRACE = 5.0

@@ -28,6 +28,7 @@ pickle protocol 5, and with four rules of our own:
 from __future__ import annotations
 
 import ast
+import dis
 import functools
 import importlib
 import importlib.util
@@ -117,6 +118,18 @@ def _main_names() -> frozenset[str] | None:
     return _importable_names(path)
 
 
+_GLOBAL_WRITES = frozenset(dis.opmap[op] for op in ("STORE_GLOBAL", "DELETE_GLOBAL"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _stores_globals(code: types.CodeType) -> bool:
+    """Whether ``code`` (or code nested in it) assigns or deletes a global."""
+    raw = code.co_code
+    if any(raw[i] in _GLOBAL_WRITES for i in range(0, len(raw), 2)):
+        return True
+    return any(isinstance(c, types.CodeType) and _stores_globals(c) for c in code.co_consts)
+
+
 @functools.lru_cache(maxsize=1024)
 def runner_imports(module: str) -> bool:
     """Whether a runner imports ``module`` itself, as the parent did (the main script is
@@ -185,7 +198,13 @@ def _make_module_function(
     shipped: dict[str, Any],
 ) -> types.FunctionType:
     g: dict[str, Any]
-    if shipped or module == "__main__":
+    if _stores_globals(code):
+        # `global x; x = ...` must land in the runner's module, as it would at home: the
+        # module's own namespace, with the shipped names added where it has none
+        g = _namespace(module)
+        for key, value in shipped.items():
+            g.setdefault(key, value)
+    elif shipped or module == "__main__":
         g = _ModuleGlobals(shipped, module)
         g["__name__"] = module
     else:  # nothing to add: the module's own namespace, at full speed
