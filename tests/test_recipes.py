@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import re
 import signal
@@ -426,6 +427,27 @@ def test_jupyter_notebook(tmp_path: Path) -> None:
         kernel.shutdown()
     assert_pids_gone({pid}, 10, what="kernel")
     assert_no_runner_in(tmp_path)
+
+
+# -- examples/webapp ------------------------------------------------------------------------
+def test_the_webapp_load_script_runs_every_mode(tmp_path: Path) -> None:
+    """``examples/webapp/load.py --smoke``: the one command behind the figures in
+    docs/performance.md works (tiny counts; its figures mean nothing)."""
+    webapp = RECIPES.parent.parent / "examples" / "webapp"
+    out = subprocess.run(
+        [sys.executable, str(webapp / "load.py"), "--smoke", "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["idle", "async", "thread", "flame"]
+    assert all(r["samples"] >= 1 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in rows)
+    assert "| `await flame.acall`, warm ProcessBackend pool |" in out.stdout
+    assert not _errors(out.stderr), out.stderr
+    assert_no_runner_in(webapp)
 
 
 # -- the pages themselves ------------------------------------------------------------------
