@@ -443,7 +443,7 @@ def test_the_webapp_load_script_runs_every_mode(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["idle", "async", "thread", "flame"]
+    assert [r["mode"] for r in rows] == ["idle", "async", "thread", "flame", "neighbours"]
     assert all(r["samples"] >= 1 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in rows)
     assert "| `await flame.acall`, warm ProcessBackend pool |" in out.stdout
     assert not _errors(out.stderr), out.stderr

@@ -18,18 +18,11 @@ import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from work import crunch
 
 import flame
 
 RUNNERS = int(os.environ.get("WEBAPP_RUNNERS") or os.cpu_count() or 2)
-
-
-def crunch(n: int) -> int:
-    """CPU-bound pure Python: holds the GIL from start to end."""
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
 
 
 @contextlib.asynccontextmanager
