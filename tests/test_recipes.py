@@ -23,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -394,15 +394,32 @@ class Kernel:
         assert reply["content"]["status"] == "ok", text
         return text
 
+    def interrupted(self, code: str, started: Callable[[], object]) -> str:
+        """Execute ``code``, interrupt the kernel once ``started()`` is true (the kernel's
+        interrupt button), and return the name of the exception the cell ended with."""
+        msg_id = self.client.execute(code)
+        wait_until(started, 30, message="the cell's work did not start")
+        self.manager.interrupt_kernel()
+        while True:
+            reply = self.client.get_shell_msg(timeout=30)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return str(reply["content"].get("ename"))
+
     def shutdown(self) -> None:
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=False)
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of ``pid`` so far, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def test_jupyter_notebook(tmp_path: Path) -> None:
     blocks = write_recipe("jupyter.md", tmp_path)
     cells = {int(t.split()[1]): code for t, code in blocks.items() if t.startswith("cell ")}
-    assert sorted(cells) == list(range(1, 8))
+    assert sorted(cells) == list(range(1, 9))
     kernel = Kernel(tmp_path)
     try:
         assert kernel.run(cells[1]) == ""
@@ -415,8 +432,17 @@ def test_jupyter_notebook(tmp_path: Path) -> None:
         )
         answers = ast.literal_eval(kernel.run(cells[6]))
         assert [n for _, n in answers] == [1, 2, 3], "the module's globals are the runner's"
-        assert {pid for pid, _ in answers} <= runners_in(tmp_path)
-        assert kernel.run(cells[7]) == ""
+        ((runner,),) = [{pid for pid, _ in answers}]
+        assert runner in runners_in(tmp_path)
+        # the long call, interrupted once it runs on the runner; the runner stays up
+        ticks = _cpu_ticks(runner)
+        assert kernel.interrupted(cells[7], lambda: _cpu_ticks(runner) > ticks + 20) == (
+            "KeyboardInterrupt"
+        )
+        answers = ast.literal_eval(kernel.run(cells[6]))
+        assert answers == [(runner, 4), (runner, 5), (runner, 6)], "the same runner serves on"
+        wait_until(lambda: kernel.run("print(pool.stats().in_flight)") == "0\n", 10)
+        assert kernel.run(cells[8]) == ""
         assert_no_runner_in(tmp_path)
         # run the first cells again, as users do; then shutting the kernel down stops them
         kernel.run(cells[1])
