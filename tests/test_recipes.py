@@ -103,6 +103,19 @@ def _errors(text: str) -> list[str]:
     ]
 
 
+def run_ok(
+    argv: list[str], cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end as a user would. It must succeed and print no error (its
+    stderr is checked as a server's log is)."""
+    out = subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not _errors(out.stderr), out.stderr
+    return out
+
+
 class Host:
     """A program started in a recipe's folder as its user starts it: its own session (a
     terminal's Ctrl-C reaches its process group), its output in ``host.log``. ``PORT`` in
@@ -215,17 +228,7 @@ def test_fastapi_pool_at_import_with_an_engine_per_process(
 
 # -- Django ------------------------------------------------------------------------------
 def _manage(folder: Path, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert not _errors(out.stderr), out.stderr
-    return out.stdout
+    return run_ok([sys.executable, "manage.py", *args], folder).stdout
 
 
 def test_django_view_and_management_command(hosts: list[Host], tmp_path: Path) -> None:
@@ -323,16 +326,8 @@ def _checksum(path: Path, rounds: int = 1_000) -> str:
 def test_batch_script_maps_and_casts(tmp_path: Path) -> None:
     write_recipe("batch.md", tmp_path)
     files = _data(tmp_path / "data", 6, 1024)
-    out = subprocess.run(
-        [sys.executable, "checksums.py", "data"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stderr == ""
+    out = run_ok([sys.executable, "checksums.py", "data"], tmp_path)
+    assert out.stderr == "", "nothing is printed on the way out"
     assert out.stdout.splitlines() == [f"{_checksum(p)} {p.name}" for p in files]
     assert (tmp_path / "data" / "SUMMARY").read_text() == "6 files\n", "stop() let the cast end"
     assert_no_runner_in(tmp_path)
@@ -460,19 +455,12 @@ def test_the_webapp_load_script_runs_every_mode(tmp_path: Path) -> None:
     """``examples/webapp/load.py --smoke``: the one command behind the figures in
     docs/performance.md works (tiny counts; its figures mean nothing)."""
     webapp = RECIPES.parent.parent / "examples" / "webapp"
-    out = subprocess.run(
-        [sys.executable, str(webapp / "load.py"), "--smoke", "--json", str(tmp_path / "r.json")],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    smoke = ["--smoke", "--runners", "1", "--json", str(tmp_path / "r.json")]
+    out = run_ok([sys.executable, str(webapp / "load.py"), *smoke], timeout=80)
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["idle", "async", "thread", "flame", "neighbours"]
     assert all(r["samples"] >= 1 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] for r in rows)
     assert "| `await flame.acall`, warm ProcessBackend pool |" in out.stdout
-    assert not _errors(out.stderr), out.stderr
     assert_no_runner_in(webapp)
 
 
@@ -496,15 +484,7 @@ def test_the_recipe_code_is_lint_clean(tmp_path: Path, page: str) -> None:
     common = ["--isolated", "--line-length", "100", "--target-version", "py311"]
     rules = ["--select", "E,F,W,I,B,UP,SIM,RUF,C4", "--ignore", "E402"]  # cells import late
     for argv in (["check", *common, *rules, "."], ["format", "--check", *common, "."]):
-        out = subprocess.run(
-            [str(BIN / "ruff"), *argv],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        run_ok([str(BIN / "ruff"), *argv], tmp_path, timeout=30)
 
 
 # -- bugs found while writing the recipes (flame's core is not ours to fix) ----------------------
@@ -561,13 +541,5 @@ if __name__ == "__main__":
     print([flame.call(pool, fetch) for _ in range(3)])
 """
     )
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_ok([sys.executable, str(script)], tmp_path)
     assert out.stdout == "[1, 1, 1]\n", "the client was built once, on the one runner"
