@@ -487,14 +487,9 @@ def test_the_recipe_code_is_lint_clean(tmp_path: Path, page: str) -> None:
         run_ok([str(BIN / "ruff"), *argv], tmp_path, timeout=30)
 
 
-# -- bugs found while writing the recipes (flame's core is not ours to fix) ----------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="the name registry holds pools weakly (flame._pool._registry): a pool created "
-    "and not kept, as in `def ready(self): flame.Pool('reports', ...)`, is collected and "
-    "flame.call('reports', ...) raises PoolNotFound, though SPEC says only stop() frees a name",
-)
+# -- what the recipes found (both fixed) -----------------------------------------------------
 def test_a_pool_created_and_not_kept_is_callable_by_name() -> None:
+    """As in ``def ready(self): flame.Pool('reports', ...)``: only stop() frees a name."""
     import gc
     import weakref
 
@@ -510,13 +505,6 @@ def test_a_pool_created_and_not_kept_is_callable_by_name() -> None:
             pool.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a main-script closure's `global x; x = ...` writes to the per-function globals "
-    "flame._serialize._make_module_function builds (_ModuleGlobals), not to the runner's "
-    "module: a lazily built client is rebuilt on every call (a closure in an imported "
-    "module is not affected)",
-)
 def test_a_main_script_closure_assigning_a_global_updates_the_runners_module(
     tmp_path: Path,
 ) -> None:
