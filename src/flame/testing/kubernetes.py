@@ -10,13 +10,13 @@ thread) that any Kubernetes client can talk to through the kubeconfig file it wr
   ``Status`` error objects (401, 403, 404, 409, 422...). ``pods/log`` serves a Pod's output.
 * bearer-token authentication, and optionally a set of allowed verbs per resource (what a
   Role would grant), so that a test proves the documented RBAC rules are enough.
-* a "kubelet": each Pod created through the API really runs the command of its first
-  container as a local subprocess, with the Pod's environment (plain values, ``fieldRef``
-  and ``secretKeyRef`` resolved from stored Secrets) plus what stands for the image
-  (``env=``, ``cwd=``; a leading ``python`` runs ``python=``, by default this interpreter).
-  The Pod's ``status`` follows: ``Pending``, then ``Running`` with ``podIP`` 127.0.0.1, then
-  ``Succeeded`` or ``Failed`` with the container's exit code. Deleting a Pod sends SIGTERM,
-  then SIGKILL after its grace period.
+* a stand-in kubelet (``flame.testing._kubelet``): each Pod created through the API really
+  runs the command of its first container as a local subprocess, with the Pod's environment
+  (plain values, ``fieldRef`` and ``secretKeyRef`` resolved from stored Secrets) plus what
+  stands for the image (``env=``, ``cwd=``; a leading ``python`` runs ``python=``, by
+  default this interpreter). The Pod's ``status`` follows: ``Pending``, then ``Running``
+  with ``podIP`` 127.0.0.1, then ``Succeeded`` or ``Failed`` with the container's exit code.
+  Deleting a Pod sends SIGTERM, then SIGKILL after its grace period.
 * garbage collection by ``ownerReferences``: when an owner is gone, its dependents (Pods and
   Secrets) are deleted, as the cluster's garbage collector would.
 * failure injection: Pods that cannot be scheduled (``PodScheduled=False``,
@@ -34,15 +34,12 @@ a Pod runs, strategic merge patches are treated as JSON merge patches, and nothi
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,30 +47,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ._http import EmulatorServer, Handler
+from ._kubelet import NODE_NAME, StandInKubelet, container_status
+from ._kubelet import now as _now
 
 __all__ = ["KubernetesAPIEmulator"]
 
 JSON = dict[str, Any]
 
 _KINDS = {"pods": "Pod", "secrets": "Secret"}
-_NODE_NAME = "emulator-node"
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet Kubernetes uses for generateName
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 _SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status(code: int, reason: str, message: str, **details: Any) -> JSON:
@@ -98,10 +90,6 @@ class _ApiFailure(Exception):
         super().__init__(message)
         self.status = _status(code, reason, message, **details)
         self.code = code
-
-
-class _EnvError(Exception):
-    """A container's environment cannot be resolved yet (``CreateContainerConfigError``)."""
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -201,22 +189,6 @@ class _Rule:
         return True
 
 
-@dataclass
-class _Container:
-    """The local process standing for a Pod's container."""
-
-    pod_name: str
-    proc: subprocess.Popen[bytes]
-    log_path: str
-    kill_timer: threading.Timer | None = None
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
-
-
 class KubernetesAPIEmulator:
     """An emulated Kubernetes API server that runs each Pod as a local process.
 
@@ -268,11 +240,10 @@ class KubernetesAPIEmulator:
         self._rv = 0
         self._objects: dict[tuple[str, str, str], JSON] = {}
         self._events: list[tuple[int, str, str, JSON]] = []  # (rv, resource, type, object)
-        self._containers: dict[str, _Container] = {}  # pod uid -> process
         self._external: set[str] = set()  # uids of Pods that stand for this process
         self._propagation: dict[str, str] = {}  # pod uid -> propagation of its pending delete
         self._rules: list[_Rule] = []
-        self._threads: list[threading.Thread] = []
+        self._kubelet: StandInKubelet | None = None
         self._closing = False
         self._server: EmulatorServer | None = None
         self._tmpdir: str | None = None
@@ -284,6 +255,7 @@ class KubernetesAPIEmulator:
         if self._server is not None:
             return self
         self._tmpdir = tempfile.mkdtemp(prefix="flame-k8s-emulator-")
+        self._kubelet = StandInKubelet(_KubeletView(self), self._tmpdir)
         self._server = EmulatorServer(self._handle, "k8s-emulator-http").start()
         self._write_kubeconfig()
         return self
@@ -294,19 +266,11 @@ class KubernetesAPIEmulator:
             if self._closing:
                 return
             self._closing = True
-            containers = list(self._containers.values())
             self._changed.notify_all()
-        for c in containers:
-            if c.kill_timer is not None:
-                c.kill_timer.cancel()
-            c.signal(signal.SIGKILL)
-        for c in containers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=5)
+        if self._kubelet is not None:
+            self._kubelet.close()
         if self._server is not None:
             self._server.close()
-        for t in list(self._threads):
-            t.join(timeout=5)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -319,7 +283,7 @@ class KubernetesAPIEmulator:
     def __repr__(self) -> str:
         with self._lock:
             pods = sum(1 for k in self._objects if k[0] == "pods")
-            running = sum(1 for c in self._containers.values() if c.proc.poll() is None)
+        running = len(self.processes())
         return f"<KubernetesAPIEmulator url={self.url!r} pods={pods} processes={running}>"
 
     @property
@@ -416,11 +380,11 @@ class KubernetesAPIEmulator:
                     {"type": "Ready", "status": "True"},
                 ],
                 containerStatuses=[
-                    self._container_status(c, {"running": {"startedAt": _now()}}, ready=True)
+                    container_status(c, {"running": {"startedAt": _now()}}, ready=True)
                     for c in pod_spec["containers"]
                 ],
             )
-            created["spec"]["nodeName"] = _NODE_NAME
+            created["spec"]["nodeName"] = NODE_NAME
             self._touch("pods", created, "MODIFIED")
             return copy.deepcopy(created)
 
@@ -483,19 +447,16 @@ class KubernetesAPIEmulator:
 
     def processes(self) -> dict[str, int]:
         """``{pod name: pid}`` of the container processes still running."""
-        with self._lock:
-            return {
-                c.pod_name: c.proc.pid for c in self._containers.values() if c.proc.poll() is None
-            }
+        return self._kubelet.processes() if self._kubelet is not None else {}
 
     def pod_log(self, name: str, namespace: str | None = None) -> str:
         """What the Pod's container has written to stdout and stderr so far."""
         with self._lock:
             obj = self._objects.get(("pods", namespace or self.namespace, name))
-            c = self._containers.get(obj["metadata"]["uid"]) if obj else None
-        if c is None:
+            path = self._log_path(obj["metadata"]["uid"]) if obj else None
+        if path is None:
             return ""
-        with open(c.log_path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
     def wait_until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
@@ -558,6 +519,15 @@ class KubernetesAPIEmulator:
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self._events.append((self._rv, resource, event, copy.deepcopy(obj)))
         self._changed.notify_all()
+
+    def _log_path(self, uid: str) -> str | None:
+        return self._kubelet.log_path(uid) if self._kubelet is not None else None
+
+    def _live(self, ns: str, name: str, uid: str) -> JSON | None:
+        obj = self._objects.get(("pods", ns, name))
+        if obj is None or obj["metadata"]["uid"] != uid or self._closing:
+            return None
+        return obj
 
     def _uid_exists(self, ns: str, uid: str) -> bool:
         return any(
@@ -623,14 +593,8 @@ class KubernetesAPIEmulator:
         self._touch(resource, obj, "ADDED")
         if resource == "pods":
             if run:
-                t = threading.Thread(
-                    target=self._kubelet,
-                    args=(ns, name, meta["uid"]),
-                    name=f"k8s-emulator-kubelet-{name}",
-                    daemon=True,
-                )
-                self._threads.append(t)
-                t.start()
+                assert self._kubelet is not None
+                self._kubelet.start(ns, name, meta["uid"])
             else:
                 self._external.add(meta["uid"])
         self._collect_garbage()
@@ -780,25 +744,15 @@ class KubernetesAPIEmulator:
         obj = self._get(resource, ns, name)
         if resource == "pods":
             uid = obj["metadata"]["uid"]
-            container = self._containers.get(uid)
-            alive = container is not None and container.proc.poll() is None
             if grace is None:
                 grace = int(obj["spec"].get("terminationGracePeriodSeconds", 30))
-            if container is not None and alive and grace > 0:
+            if self._kubelet is not None and self._kubelet.terminate(uid, grace):
                 if not obj["metadata"].get("deletionTimestamp"):
                     obj["metadata"]["deletionTimestamp"] = _now()
                     obj["metadata"]["deletionGracePeriodSeconds"] = grace
                     self._propagation[uid] = propagation
                     self._touch("pods", obj, "MODIFIED")
-                    container.signal(signal.SIGTERM)
-                    container.kill_timer = threading.Timer(
-                        grace, container.signal, args=(signal.SIGKILL,)
-                    )
-                    container.kill_timer.daemon = True
-                    container.kill_timer.start()
                 return obj  # removed by the kubelet once the process has exited
-            if container is not None and alive:
-                container.signal(signal.SIGKILL)
         self._remove(resource, ns, name, propagation)
         return obj
 
@@ -836,275 +790,6 @@ class KubernetesAPIEmulator:
                 if (res, ns, name) in self._objects:
                     self._delete(res, ns, name, None, "Background")
                     changed = True
-
-    # -- the kubelet -----------------------------------------------------------------------
-    def _live(self, ns: str, name: str, uid: str) -> JSON | None:
-        obj = self._objects.get(("pods", ns, name))
-        if obj is None or obj["metadata"]["uid"] != uid or self._closing:
-            return None
-        return obj
-
-    def _kubelet(self, ns: str, name: str, uid: str) -> None:
-        try:
-            self._run_pod(ns, name, uid)
-        except Exception as exc:  # never let a thread die with a traceback in a test run
-            with self._lock:
-                pod = self._live(ns, name, uid)
-                if pod is not None:
-                    pod["status"].update(
-                        phase="Failed",
-                        reason="EmulatorError",
-                        message=f"{type(exc).__name__}: {exc}",
-                    )
-                    self._touch("pods", pod, "MODIFIED")
-
-    def _container_status(self, c: JSON, state: JSON, *, ready: bool = False) -> JSON:
-        return {
-            "name": c["name"],
-            "image": c.get("image", ""),
-            "imageID": "",
-            "ready": ready,
-            "restartCount": 0,
-            "started": "running" in state,
-            "state": state,
-        }
-
-    def _run_pod(self, ns: str, name: str, uid: str) -> None:
-        with self._lock:
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            status = pod["status"]
-            rule = self._take_rule("schedule", lambda r: True)
-            if rule is not None:
-                status["conditions"] = [
-                    {
-                        "type": "PodScheduled",
-                        "status": "False",
-                        "reason": "Unschedulable",
-                        "message": rule.message,
-                        "lastTransitionTime": _now(),
-                    }
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            pod["spec"]["nodeName"] = _NODE_NAME
-            status["conditions"] = [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}
-            ]
-            status["hostIP"] = "127.0.0.1"
-            container = pod["spec"]["containers"][0]
-            image = str(container.get("image"))
-            rule = self._take_rule("image", lambda r: r.image in (None, image))
-            if rule is not None:
-                message = rule.message or (
-                    f'Failed to pull image "{image}": rpc error: code = NotFound desc = '
-                    f"failed to resolve reference {image!r}: not found"
-                )
-                status["containerStatuses"] = [
-                    self._container_status(
-                        container, {"waiting": {"reason": rule.reason, "message": message}}
-                    )
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            self._touch("pods", pod, "MODIFIED")
-
-        # resolve the environment, waiting for missing Secrets as the kubelet does
-        while True:
-            with self._lock:
-                pod = self._live(ns, name, uid)
-                if pod is None:
-                    return
-                if pod["metadata"].get("deletionTimestamp"):
-                    self._remove("pods", ns, name, self._propagation.get(uid, "Background"))
-                    return
-                container = pod["spec"]["containers"][0]
-                try:
-                    env = self._resolve_env(pod, container)
-                    break
-                except _EnvError as exc:
-                    state = {
-                        "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
-                    }
-                    if pod["status"].get("containerStatuses", [{}])[0].get("state") != state:
-                        pod["status"]["containerStatuses"] = [
-                            self._container_status(container, state)
-                        ]
-                        self._touch("pods", pod, "MODIFIED")
-                    self._changed.wait(0.5)
-
-            # (lock released between attempts)
-
-        with self._lock:
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            argv = [*container.get("command", []), *container.get("args", [])]
-            started = _now()
-            try:
-                if not argv:
-                    raise ValueError(
-                        "the emulator cannot run an image's default entrypoint: give the "
-                        "container a command"
-                    )
-                if _PYTHON.match(os.path.basename(argv[0])):
-                    argv[0] = self.python
-                cwd = container.get("workingDir")
-                if not (cwd and os.path.isdir(cwd)):
-                    cwd = self.cwd
-                assert self._tmpdir is not None
-                log_path = os.path.join(self._tmpdir, f"{uid}.log")
-                with open(log_path, "wb") as log:
-                    proc = subprocess.Popen(
-                        argv,
-                        env=env,
-                        cwd=cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-            except (OSError, ValueError) as exc:
-                pod["status"].update(phase="Failed")
-                pod["status"]["containerStatuses"] = [
-                    self._container_status(
-                        container,
-                        {
-                            "terminated": {
-                                "exitCode": 128,
-                                "reason": "StartError",
-                                "message": f"{type(exc).__name__}: {exc}",
-                                "startedAt": started,
-                                "finishedAt": _now(),
-                            }
-                        },
-                    )
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            self._containers[uid] = _Container(name, proc, log_path)
-            pod["status"].update(
-                phase="Running",
-                podIP=self.pod_ip,
-                podIPs=[{"ip": self.pod_ip}],
-                startTime=started,
-            )
-            pod["status"]["conditions"] = [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "Ready", "status": "True"},
-            ]
-            pod["status"]["containerStatuses"] = [
-                self._container_status(container, {"running": {"startedAt": started}}, ready=True)
-            ]
-            self._touch("pods", pod, "MODIFIED")
-
-        code = proc.wait()
-
-        with self._lock:
-            c = self._containers.get(uid)
-            if c is not None and c.kill_timer is not None:
-                c.kill_timer.cancel()
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            # killed by a signal: 128 + signal number, as a container runtime reports it
-            exit_code = code if code >= 0 else 128 - code
-            pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
-            pod["status"]["conditions"] = [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Ready", "status": "False", "reason": "PodCompleted"},
-            ]
-            pod["status"]["containerStatuses"] = [
-                self._container_status(
-                    container,
-                    {
-                        "terminated": {
-                            "exitCode": exit_code,
-                            "reason": "Completed" if code == 0 else "Error",
-                            "startedAt": started,
-                            "finishedAt": _now(),
-                        }
-                    },
-                )
-            ]
-            self._touch("pods", pod, "MODIFIED")
-            if pod["metadata"].get("deletionTimestamp"):
-                self._remove("pods", ns, name, self._propagation.get(uid, "Background"))
-
-    def _resolve_env(self, pod: JSON, container: JSON) -> dict[str, str]:
-        ns = pod["metadata"]["namespace"]
-        env: dict[str, str] = {"PATH": os.environ.get("PATH", os.defpath)}
-        env.update(self.image_env)
-        env["HOSTNAME"] = pod["metadata"]["name"]
-
-        def secret_value(ref: JSON, what: str) -> str | None:
-            secret = self._objects.get(("secrets", ns, ref["name"]))
-            if secret is None:
-                if ref.get("optional"):
-                    return None
-                raise _EnvError(f'secret "{ref["name"]}" not found')
-            raw = (secret.get("data") or {}).get(ref["key"])
-            if raw is None:
-                if ref.get("optional"):
-                    return None
-                raise _EnvError(f"couldn't find key {ref['key']} in Secret {ns}/{ref['name']}")
-            return base64.b64decode(raw).decode("utf-8", errors="replace")
-
-        for source in container.get("envFrom") or []:
-            if "secretRef" in source:
-                secret = self._objects.get(("secrets", ns, source["secretRef"]["name"]))
-                if secret is None:
-                    if source["secretRef"].get("optional"):
-                        continue
-                    raise _EnvError(f'secret "{source["secretRef"]["name"]}" not found')
-                for key, raw in (secret.get("data") or {}).items():
-                    env[source.get("prefix", "") + key] = base64.b64decode(raw).decode(
-                        "utf-8", errors="replace"
-                    )
-            else:
-                raise _EnvError("the emulator serves no ConfigMaps (envFrom.configMapRef)")
-        for entry in container.get("env") or []:
-            var = entry["name"]
-            if "value" in entry:
-                env[var] = entry["value"]
-                continue
-            source = entry.get("valueFrom") or {}
-            if "secretKeyRef" in source:
-                value = secret_value(source["secretKeyRef"], var)
-                if value is not None:
-                    env[var] = value
-            elif "fieldRef" in source:
-                env[var] = self._field_ref(pod, source["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in source:
-                env[var] = "0"
-            elif "configMapKeyRef" in source:
-                raise _EnvError("the emulator serves no ConfigMaps (configMapKeyRef)")
-            else:
-                env[var] = ""
-        return env
-
-    def _field_ref(self, pod: JSON, path: str) -> str:
-        meta = pod["metadata"]
-        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
-        if m:
-            return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
-        values: dict[str, str] = {
-            "metadata.name": meta["name"],
-            "metadata.namespace": meta["namespace"],
-            "metadata.uid": meta["uid"],
-            "spec.nodeName": _NODE_NAME,
-            "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
-            "status.podIP": self.pod_ip,
-            "status.podIPs": self.pod_ip,
-            "status.hostIP": "127.0.0.1",
-            "status.hostIPs": "127.0.0.1",
-        }
-        if path not in values:
-            raise _EnvError(f"unsupported fieldRef {path!r}")
-        return values[path]
 
     # -- HTTP ------------------------------------------------------------------------------
     def _check_access(self, verb: str, resource: str, ns: str | None) -> None:
@@ -1312,18 +997,66 @@ class KubernetesAPIEmulator:
     def _serve_log(self, req: Handler, ns: str, name: str, query: Mapping[str, str]) -> None:
         with self._lock:
             pod = self._get("pods", ns, name)
-            container = self._containers.get(pod["metadata"]["uid"])
-            if container is None:
+            path = self._log_path(pod["metadata"]["uid"])
+            if path is None:
                 first = pod["spec"]["containers"][0]["name"]
                 raise _ApiFailure(
                     400,
                     "BadRequest",
                     f'container "{first}" in pod "{name}" is waiting to start: ContainerCreating',
                 )
-        with open(container.log_path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         tail = query.get("tailLines")
         if tail is not None:
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
         req.send_text(200, text)
+
+
+class _KubeletView:
+    """The emulator as its stand-in kubelet sees it (:class:`flame.testing._kubelet.PodStore`)."""
+
+    def __init__(self, emulator: KubernetesAPIEmulator) -> None:
+        self._emu = emulator
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._emu._lock
+
+    @property
+    def changed(self) -> threading.Condition:
+        return self._emu._changed
+
+    @property
+    def python(self) -> str:
+        return self._emu.python
+
+    @property
+    def cwd(self) -> str | None:
+        return self._emu.cwd
+
+    @property
+    def image_env(self) -> dict[str, str]:
+        return self._emu.image_env
+
+    @property
+    def pod_ip(self) -> str:
+        return self._emu.pod_ip
+
+    def live_pod(self, ns: str, name: str, uid: str) -> JSON | None:
+        return self._emu._live(ns, name, uid)
+
+    def touch_pod(self, pod: JSON) -> None:
+        self._emu._touch("pods", pod, "MODIFIED")
+
+    def finish_deletion(self, ns: str, name: str) -> None:
+        obj = self._emu._objects.get(("pods", ns, name))
+        uid = obj["metadata"]["uid"] if obj else ""
+        self._emu._remove("pods", ns, name, self._emu._propagation.get(uid, "Background"))
+
+    def secret(self, ns: str, name: str) -> JSON | None:
+        return self._emu._objects.get(("secrets", ns, name))
+
+    def take_failure(self, action: str, match: Callable[[Any], bool]) -> _Rule | None:
+        return self._emu._take_rule(action, match)
