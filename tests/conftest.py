@@ -102,10 +102,17 @@ BACKENDS: dict[str, BackendFactory] = {
     "kubernetes": _kubernetes,
 }
 
+
+def _kubernetes_real(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from platforms.kubernetes import kubernetes_real  # a real control plane (.ci/tier-kubernetes)
+
+    return kubernetes_real(stacks)
+
+
 #: backends that need a real service (a platform tier of ``.ci/run``), selected only by
 #: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
 #: service cannot start here
-PLATFORMS: dict[str, BackendFactory] = {}
+PLATFORMS: dict[str, BackendFactory] = {"kubernetes-real": _kubernetes_real}
 
 
 def selected_backends() -> list[str]:

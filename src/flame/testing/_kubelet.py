@@ -5,7 +5,8 @@ stores, it does what the scheduler and a kubelet would do for a cluster of one n
 reports every step back into the store as the Pod's ``status``:
 
 1. bind the Pod to the node (``spec.nodeName``), or leave it Pending with
-   ``PodScheduled=False / Unschedulable`` when a scheduling failure is injected;
+   ``PodScheduled=False / Unschedulable`` when its ``nodeSelector`` does not match the
+   node's labels (:data:`NODE_LABELS`) or a scheduling failure is injected;
 2. "pull the image", or report an injected pull failure (``waiting: ErrImagePull``...);
 3. resolve the first container's environment (plain values, ``fieldRef``, ``secretKeyRef``
    and ``envFrom.secretRef`` from the stored Secrets): a missing Secret or key gives
@@ -20,8 +21,10 @@ reports every step back into the store as the Pod's ``status``:
 It is a stand-in, not a kubelet: the image is never pulled (a leading ``python`` in the
 command runs the emulator's interpreter, and the emulator's image env stands for what the
 image holds), only the first container runs, and there are no volumes, probes, init
-containers or restarts. The API side is reached only through :class:`PodStore`, and every
-change of a Pod is made under the store's lock.
+containers or restarts. The other containers of a Pod (sidecars) are reported running, with
+nothing behind them, until the Pod is deleted: so a Pod whose first container has ended stays
+Running while it has others, as on a cluster. The API side is reached only through
+:class:`PodStore`, and every change of a Pod is made under the store's lock.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from typing import Any, Protocol
 JSON = dict[str, Any]
 
 NODE_NAME = "emulator-node"
+#: the labels of the one emulated node, which a Pod's ``nodeSelector`` must match
+NODE_LABELS = {"kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux"}
+_NO_NODE_MATCHES = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity."
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 
 
@@ -224,14 +230,16 @@ class StandInKubelet:
             if pod is None:
                 return False
             status = pod["status"]
-            failure = store.take_failure("schedule", lambda r: True)
-            if failure is not None:
+            selector = pod["spec"].get("nodeSelector") or {}
+            unmatched = any(NODE_LABELS.get(k) != v for k, v in selector.items())
+            failure = None if unmatched else store.take_failure("schedule", lambda r: True)
+            if unmatched or failure is not None:
                 status["conditions"] = [
                     {
                         "type": "PodScheduled",
                         "status": "False",
                         "reason": "Unschedulable",
-                        "message": failure.message,
+                        "message": failure.message if failure is not None else _NO_NODE_MATCHES,
                         "lastTransitionTime": now(),
                     }
                 ]
@@ -330,7 +338,8 @@ class StandInKubelet:
                 {"type": "Ready", "status": "True"},
             ]
             pod["status"]["containerStatuses"] = [
-                container_status(container, {"running": {"startedAt": started}}, ready=True)
+                container_status(c, {"running": {"startedAt": started}}, ready=True)
+                for c in pod["spec"]["containers"]
             ]
             store.touch_pod(pod)
 
@@ -345,7 +354,9 @@ class StandInKubelet:
                 return
             # killed by a signal: 128 + signal number, as a container runtime reports it
             exit_code = code if code >= 0 else 128 - code
-            pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+            others = pod["status"]["containerStatuses"][1:]
+            if not others:  # (the stand-ins for other containers "run" until deletion)
+                pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
             pod["status"]["conditions"] = [
                 {"type": "PodScheduled", "status": "True"},
                 {"type": "Ready", "status": "False", "reason": "PodCompleted"},
@@ -361,7 +372,8 @@ class StandInKubelet:
                             "finishedAt": now(),
                         }
                     },
-                )
+                ),
+                *others,
             ]
             store.touch_pod(pod)
             if pod["metadata"].get("deletionTimestamp"):
@@ -461,7 +473,6 @@ class StandInKubelet:
             "status.podIP": ip,
             "status.podIPs": ip,
             "status.hostIP": "127.0.0.1",
-            "status.hostIPs": "127.0.0.1",
         }
         if path not in values:
             raise _EnvError(f"unsupported fieldRef {path!r}")

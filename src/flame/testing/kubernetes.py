@@ -20,8 +20,11 @@ thread) that any Kubernetes client can talk to through the kubeconfig file it wr
 * garbage collection by ``ownerReferences``: when an owner is gone, its dependents (Pods and
   Secrets) are deleted, as the cluster's garbage collector would.
 * failure injection: Pods that cannot be scheduled (``PodScheduled=False``,
-  ``Unschedulable``), images that cannot be pulled (``ErrImagePull``), and ``403 Forbidden``
-  for chosen verbs.
+  ``Unschedulable``), images that cannot be pulled (``ErrImagePull``), ``403 Forbidden``
+  for chosen verbs, requests carried out whose answer is lost (or comes too late), and
+  requests dropped before they are carried out.
+* the validation of the real v1.20 API server (``flame.testing._validation``), with its
+  status codes: 400 for what it cannot decode, 422 for what it will not store.
 
 A "parent Pod" standing for the test process itself is added with
 :meth:`KubernetesAPIEmulator.add_parent_pod`: it is reported ``Running`` but runs nothing.
@@ -33,7 +36,6 @@ a Pod runs, strategic merge patches are treated as JSON merge patches, and nothi
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import os
@@ -50,9 +52,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import _validation
 from ._http import EmulatorServer, Handler
 from ._kubelet import NODE_NAME, StandInKubelet, container_status
 from ._kubelet import now as _now
+from ._validation import ApiFailure as _ApiFailure
+from ._validation import status as _status
 
 __all__ = ["KubernetesAPIEmulator"]
 
@@ -60,36 +65,7 @@ JSON = dict[str, Any]
 
 _KINDS = {"pods": "Pod", "secrets": "Secret"}
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet Kubernetes uses for generateName
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def _status(code: int, reason: str, message: str, **details: Any) -> JSON:
-    doc: JSON = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-    if details:
-        doc["details"] = details
-    return doc
-
-
-class _ApiFailure(Exception):
-    """Raised inside the emulator to answer a request with a ``Status`` error."""
-
-    def __init__(self, code: int, reason: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status = _status(code, reason, message, **details)
-        self.code = code
+_NOT_ALLOWED = "the server does not allow this method on the requested resource"
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -143,13 +119,15 @@ def _parse_selector(text: str, *, fields: bool) -> list[_Requirement]:
             tests.append(_Requirement(op, m.group(1), frozenset([m.group(3)])))
             continue
         if fields:
-            raise _ApiFailure(400, "BadRequest", f"invalid field selector: {part!r}")
+            raise _ApiFailure(
+                400, "BadRequest", f"invalid selector: '{part}'; can't understand '{part}'"
+            )
         if part.startswith("!"):
             tests.append(_Requirement("!exists", part[1:]))
         elif re.fullmatch(r"[^\s()=!,]+", part):
             tests.append(_Requirement("exists", part))
         else:
-            raise _ApiFailure(400, "BadRequest", f"invalid label selector: {part!r}")
+            raise _ApiFailure(400, "BadRequest", f"unable to parse requirement: '{part}'")
     return tests
 
 
@@ -168,17 +146,22 @@ def _field_view(obj: JSON) -> dict[str, str]:
     return view
 
 
+class _Dropped(Exception):
+    """An injected failure: the connection is dropped before the request is carried out."""
+
+
 @dataclass
 class _Rule:
     """One injected failure; ``remaining`` is how many more times it fires (None: always)."""
 
-    action: str  # "schedule" | "image" | "forbid"
+    action: str  # "schedule" | "image" | "forbid" | "lose" | "drop"
     remaining: int | None
     message: str = ""
     reason: str = ""
     image: str | None = None
     verb: str = ""
     resource: str = ""
+    delay: float = 0.0
 
     def take(self) -> bool:
         if self.remaining is None:
@@ -239,12 +222,14 @@ class KubernetesAPIEmulator:
         self._changed = threading.Condition(self._lock)
         self._rv = 0
         self._objects: dict[tuple[str, str, str], JSON] = {}
+        self._namespaces = {namespace, "default", "kube-system", "kube-public", "kube-node-lease"}
         self._events: list[tuple[int, str, str, JSON]] = []  # (rv, resource, type, object)
         self._external: set[str] = set()  # uids of Pods that stand for this process
         self._propagation: dict[str, str] = {}  # pod uid -> propagation of its pending delete
         self._rules: list[_Rule] = []
         self._kubelet: StandInKubelet | None = None
         self._closing = False
+        self._closed = threading.Event()  # wakes answers held back by an injected delay
         self._server: EmulatorServer | None = None
         self._tmpdir: str | None = None
         self._random = random.Random()
@@ -266,6 +251,7 @@ class KubernetesAPIEmulator:
             if self._closing:
                 return
             self._closing = True
+            self._closed.set()
             self._changed.notify_all()
         if self._kubelet is not None:
             self._kubelet.close()
@@ -340,9 +326,10 @@ class KubernetesAPIEmulator:
         The emulator runs nothing for it. ``env`` (a mapping, or a list of Kubernetes env
         entries) and ``container_fields`` (merged into the container, e.g. ``resources``)
         describe its app container; ``spec`` is merged into the Pod spec (extra containers,
-        ``imagePullSecrets``...).
+        ``imagePullSecrets``...). Its namespace is created if needed.
         """
         ns = namespace or self.namespace
+        self.add_namespace(ns)
         if isinstance(env, Mapping):
             env_list: list[Any] = [{"name": k, "value": v} for k, v in env.items()]
         else:
@@ -387,6 +374,12 @@ class KubernetesAPIEmulator:
             created["spec"]["nodeName"] = NODE_NAME
             self._touch("pods", created, "MODIFIED")
             return copy.deepcopy(created)
+
+    def add_namespace(self, name: str) -> None:
+        """Create a namespace (the emulator starts with its own, ``default`` and the
+        ``kube-*`` ones; creating an object in any other is a 404, as on a cluster)."""
+        with self._lock:
+            self._namespaces.add(name)
 
     def downward_env(self, pod_name: str, namespace: str | None = None) -> dict[str, str]:
         """What the downward API would give the Pod's process: POD_NAME, POD_NAMESPACE, POD_IP."""
@@ -436,14 +429,22 @@ class KubernetesAPIEmulator:
             return out
 
     def delete_pod(
-        self, name: str, namespace: str | None = None, *, grace_period: int | None = None
+        self,
+        name: str,
+        namespace: str | None = None,
+        *,
+        grace_period: int | None = None,
+        propagation: str = "Background",
     ) -> None:
-        """Delete a Pod as ``kubectl delete pod`` would; its dependents are collected."""
+        """Delete a Pod as ``kubectl delete pod`` would; its dependents are collected
+        (``propagation="Orphan"``, as ``--cascade=orphan``: they are kept, without the
+        owner reference)."""
+        _validation.check_propagation(propagation)
         with self._lock:
             key = ("pods", namespace or self.namespace, name)
             if key not in self._objects:
                 raise KeyError(f"no pod {key[1]}/{name}")
-            self._delete("pods", key[1], name, grace_period, "Background")
+            self._delete("pods", key[1], name, grace_period, propagation)
 
     def processes(self) -> dict[str, int]:
         """``{pod name: pid}`` of the container processes still running."""
@@ -502,6 +503,21 @@ class KubernetesAPIEmulator:
         with self._lock:
             self._rules.append(_Rule("forbid", times, verb=verb, resource=resource))
 
+    def lose_answer(
+        self, verb: str, resource: str, *, times: int | None = 1, delay: float = 0.0
+    ) -> None:
+        """Carry out the next ``times`` requests ``verb`` on ``resource`` (e.g. ``"create"``,
+        ``"pods"``) but never answer them: after ``delay`` seconds the connection is dropped,
+        as when an answer is lost on the way or a client times out first."""
+        with self._lock:
+            self._rules.append(_Rule("lose", times, verb=verb, resource=resource, delay=delay))
+
+    def drop_request(self, verb: str, resource: str, *, times: int | None = 1) -> None:
+        """Drop the connection of the next ``times`` requests ``verb`` on ``resource``
+        before carrying them out (the request was lost, not the answer)."""
+        with self._lock:
+            self._rules.append(_Rule("drop", times, verb=verb, resource=resource))
+
     def clear_failures(self) -> None:
         """Remove every injected failure (Pods already failing stay as they are)."""
         with self._lock:
@@ -537,16 +553,15 @@ class KubernetesAPIEmulator:
         )
 
     def _create(self, resource: str, ns: str, body: JSON, *, run: bool = True) -> JSON:
-        if not isinstance(body, dict):
-            raise _ApiFailure(400, "BadRequest", "the body must be a JSON object")
         kind = _KINDS[resource]
-        if body.get("kind") not in (None, kind):
-            raise _ApiFailure(400, "BadRequest", f"expected kind {kind}, got {body.get('kind')!r}")
+        _validation.check_decodable(kind, body)
+        if ns not in self._namespaces:
+            raise _ApiFailure(
+                404, "NotFound", f'namespaces "{ns}" not found', name=ns, kind="namespaces"
+            )
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = "v1", kind
         meta = obj.setdefault("metadata", {})
-        if not isinstance(meta, dict):
-            raise _ApiFailure(400, "BadRequest", "metadata must be an object")
         if meta.get("namespace") not in (None, ns):
             raise _ApiFailure(
                 400,
@@ -555,20 +570,19 @@ class KubernetesAPIEmulator:
                 "the request",
             )
         name = str(meta.get("name") or "")
-        if not name:
-            prefix = meta.get("generateName")
-            if not prefix:
-                raise self._invalid(kind, "", "metadata.name: Required value: name or generateName")
+        prefix = str(meta.get("generateName") or "")
+        if not name and prefix:
             for _ in range(100):
-                name = prefix + "".join(self._random.choice(_NAME_CHARS) for _ in range(5))
+                suffix = "".join(self._random.choice(_NAME_CHARS) for _ in range(5))
+                name = _validation.generated_name(prefix, suffix)
                 if (resource, ns, name) not in self._objects:
                     break
-        if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
-            raise self._invalid(
-                kind,
-                name,
-                f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain",
-            )
+        _validation.validate_name(kind, name, meta)
+        _validation.validate_meta(kind, name, meta)
+        if resource == "pods":
+            _validation.validate_pod(name, obj)
+        else:
+            _validation.normalise_secret(name, obj)
         if (resource, ns, name) in self._objects:
             raise _ApiFailure(
                 409,
@@ -577,7 +591,6 @@ class KubernetesAPIEmulator:
                 name=name,
                 kind=resource,
             )
-        self._validate_meta(kind, name, meta)
         meta.update(
             name=name,
             namespace=ns,
@@ -585,10 +598,11 @@ class KubernetesAPIEmulator:
             creationTimestamp=_now(),
         )
         if resource == "pods":
-            self._validate_pod(name, obj)
+            spec = obj["spec"]
+            spec.setdefault("restartPolicy", "Always")
+            spec.setdefault("terminationGracePeriodSeconds", 30)
+            spec.setdefault("serviceAccountName", "default")
             obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
-        else:
-            self._normalise_secret(name, obj)
         self._objects[(resource, ns, name)] = obj
         self._touch(resource, obj, "ADDED")
         if resource == "pods":
@@ -600,112 +614,16 @@ class KubernetesAPIEmulator:
         self._collect_garbage()
         return obj
 
-    @staticmethod
-    def _invalid(kind: str, name: str, cause: str) -> _ApiFailure:
-        return _ApiFailure(
-            422, "Invalid", f'{kind} "{name}" is invalid: {cause}', name=name, kind=kind
-        )
-
-    def _validate_meta(self, kind: str, name: str, meta: JSON) -> None:
-        for field in ("labels", "annotations"):
-            value = meta.get(field)
-            if value is not None and not (
-                isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-            ):
-                raise self._invalid(kind, name, f"metadata.{field}: must map strings to strings")
-        for key, value in (meta.get("labels") or {}).items():
-            bare = key.rsplit("/", 1)[-1]
-            if len(bare) > 63 or not _LABEL_NAME.match(bare):
-                raise self._invalid(kind, name, f"metadata.labels: Invalid value: {key!r}")
-            if len(value) > 63 or not _LABEL_VALUE.match(value):
-                raise self._invalid(kind, name, f"metadata.labels: Invalid value: {value!r}")
-        refs = meta.get("ownerReferences") or []
-        if not isinstance(refs, list):
-            raise self._invalid(kind, name, "metadata.ownerReferences: must be a list")
-        for ref in refs:
-            for field in ("apiVersion", "kind", "name", "uid"):
-                if not isinstance(ref, dict) or not ref.get(field):
-                    raise self._invalid(
-                        kind, name, f"metadata.ownerReferences.{field}: Required value"
-                    )
-
-    def _validate_pod(self, name: str, pod: JSON) -> None:
-        spec = pod.get("spec")
-        if not isinstance(spec, dict):
-            raise self._invalid("Pod", name, "spec: Required value")
-        containers = spec.get("containers")
-        if not isinstance(containers, list) or not containers:
-            raise self._invalid("Pod", name, "spec.containers: Required value")
-        spec.setdefault("restartPolicy", "Always")
-        if spec["restartPolicy"] not in ("Always", "OnFailure", "Never"):
-            raise self._invalid("Pod", name, "spec.restartPolicy: Unsupported value")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("serviceAccountName", "default")
-        volumes = {v.get("name") for v in spec.get("volumes") or []}
-        seen: set[str] = set()
-        for i, c in enumerate(containers):
-            where = f"spec.containers[{i}]"
-            if not isinstance(c, dict):
-                raise self._invalid("Pod", name, f"{where}: must be an object")
-            if not c.get("name") or not _DNS_LABEL.match(str(c["name"])):
-                raise self._invalid("Pod", name, f"{where}.name: Invalid value")
-            if c["name"] in seen:
-                raise self._invalid("Pod", name, f"{where}.name: Duplicate value")
-            seen.add(c["name"])
-            if not c.get("image"):
-                raise self._invalid("Pod", name, f"{where}.image: Required value")
-            for key in ("command", "args"):
-                if key in c and not (
-                    isinstance(c[key], list) and all(isinstance(a, str) for a in c[key])
-                ):
-                    raise self._invalid("Pod", name, f"{where}.{key}: must be a list of strings")
-            for e in c.get("env") or []:
-                if not isinstance(e, dict) or not e.get("name"):
-                    raise self._invalid("Pod", name, f"{where}.env.name: Required value")
-                if "value" in e and not isinstance(e["value"], str):
-                    raise self._invalid("Pod", name, f"{where}.env.value: must be a string")
-                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
-                if ref is not None and not (ref.get("name") and ref.get("key")):
-                    raise self._invalid(
-                        "Pod", name, f"{where}.env.valueFrom.secretKeyRef: name and key required"
-                    )
-            for m in c.get("volumeMounts") or []:
-                if m.get("name") not in volumes:
-                    raise self._invalid(
-                        "Pod", name, f"{where}.volumeMounts.name: Not found: {m.get('name')!r}"
-                    )
-            for section in ("limits", "requests"):
-                for rname, q in ((c.get("resources") or {}).get(section) or {}).items():
-                    if not isinstance(q, str | int | float) or isinstance(q, bool):
-                        raise self._invalid(
-                            "Pod", name, f"{where}.resources.{section}[{rname}]: Invalid value"
-                        )
-
-    def _normalise_secret(self, name: str, secret: JSON) -> None:
-        data = secret.get("data") or {}
-        if not isinstance(data, dict):
-            raise self._invalid("Secret", name, "data: must be an object")
-        for key, value in data.items():
-            if not _SECRET_KEY.match(key):
-                raise self._invalid("Secret", name, f"data[{key!r}]: Invalid key")
-            try:
-                base64.b64decode(value, validate=True)
-            except (ValueError, TypeError):
-                raise self._invalid("Secret", name, f"data[{key!r}]: not base64") from None
-        for key, value in (secret.pop("stringData", None) or {}).items():
-            if not _SECRET_KEY.match(key):
-                raise self._invalid("Secret", name, f"stringData[{key!r}]: Invalid key")
-            data[key] = base64.b64encode(str(value).encode()).decode()
-        secret["data"] = data
-        secret.setdefault("type", "Opaque")
-
     def _patch(self, resource: str, ns: str, name: str, body: JSON, content_type: str) -> JSON:
         if content_type not in (
             "application/merge-patch+json",
             "application/strategic-merge-patch+json",
         ):
             raise _ApiFailure(
-                415, "UnsupportedMediaType", f"the emulator cannot apply {content_type!r} patches"
+                415,
+                "UnsupportedMediaType",
+                f"415: Unsupported Media Type (the emulator applies merge patches, not "
+                f"{content_type!r})",
             )
         obj = self._get(resource, ns, name)
         patched = _merge_patch(obj, body)
@@ -713,17 +631,13 @@ class KubernetesAPIEmulator:
             {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "creationTimestamp")}
         )
         patched["apiVersion"], patched["kind"] = obj["apiVersion"], obj["kind"]
-        self._validate_meta(obj["kind"], name, patched["metadata"])
+        _validation.check_decodable(obj["kind"], patched)
+        _validation.validate_meta(obj["kind"], name, patched["metadata"])
         if resource == "secrets":
-            self._normalise_secret(name, patched)
-            if obj.get("immutable") and (
-                patched.get("data") != obj.get("data") or not patched.get("immutable")
-            ):
-                raise self._invalid(
-                    "Secret", name, "data: Forbidden: field is immutable when `immutable` is set"
-                )
-        elif patched.get("spec") != obj.get("spec"):
-            raise self._invalid("Pod", name, "spec: Forbidden: pod updates may not change spec")
+            _validation.normalise_secret(name, patched)
+            _validation.validate_secret_update(name, obj, patched)
+        else:
+            _validation.validate_pod_update(name, obj, patched)
         obj.clear()
         obj.update(patched)
         self._touch(resource, obj, "MODIFIED")
@@ -792,14 +706,18 @@ class KubernetesAPIEmulator:
                     changed = True
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _check_access(self, verb: str, resource: str, ns: str | None) -> None:
+    def _check_access(self, verb: str, resource: str, ns: str | None, ctx: JSON) -> None:
         self.calls.append((verb, resource))
+
+        def applies(rule: _Rule) -> bool:
+            return rule.verb == verb and rule.resource == resource
+
+        if self._take_rule("drop", applies) is not None:
+            raise _Dropped
+        ctx["lose"] = self._take_rule("lose", applies)
         denied = self.allow is not None and verb not in self.allow.get(resource, frozenset())
         if not denied:
-            denied = (
-                self._take_rule("forbid", lambda r: r.verb == verb and r.resource == resource)
-                is not None
-            )
+            denied = self._take_rule("forbid", applies) is not None
         if denied:
             where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
             raise _ApiFailure(
@@ -810,7 +728,18 @@ class KubernetesAPIEmulator:
                 kind=resource,
             )
 
+    def _reply(self, req: Handler, ctx: JSON, code: int, doc: Any) -> None:
+        """Answer, unless an injected failure loses the answer (after its delay)."""
+        lose: _Rule | None = ctx.get("lose")
+        if lose is None:
+            req.send_json(code, doc)
+            return
+        if lose.delay > 0:
+            self._closed.wait(lose.delay)
+        req.hang_up()
+
     def _handle(self, req: Handler, method: str) -> None:
+        ctx: JSON = {}
         try:
             url = urlsplit(req.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -819,9 +748,11 @@ class KubernetesAPIEmulator:
                 raise _ApiFailure(401, "Unauthorized", "Unauthorized")
             body = req.read_body()
             parts = [p for p in url.path.split("/") if p]
-            self._route(req, method, parts, query, body)
+            self._route(req, method, parts, query, body, ctx)
         except _ApiFailure as exc:
-            req.send_json(exc.code, exc.status)
+            self._reply(req, ctx, exc.code, exc.status)
+        except _Dropped:
+            req.hang_up()
         except OSError:
             raise  # the client went away
         except Exception as exc:  # a request the emulator cannot make sense of
@@ -831,13 +762,19 @@ class KubernetesAPIEmulator:
             req.send_json(500, _status(500, "InternalError", message))
 
     def _route(
-        self, req: Handler, method: str, parts: list[str], query: dict[str, str], body: bytes
+        self,
+        req: Handler,
+        method: str,
+        parts: list[str],
+        query: dict[str, str],
+        body: bytes,
+        ctx: JSON,
     ) -> None:
         if parts in (["api"], ["version"]):
             doc: JSON = (
                 {"kind": "APIVersions", "versions": ["v1"]}
                 if parts == ["api"]
-                else {"major": "1", "minor": "30", "gitVersion": "v1.30.0-flame-emulator"}
+                else {"major": "1", "minor": "20", "gitVersion": "v1.20.2-flame-emulator"}
             )
             req.send_json(200, doc)
             return
@@ -858,64 +795,83 @@ class KubernetesAPIEmulator:
 
         if name is None:
             if method == "GET":
-                self._check_access("watch" if watch else "list", resource, ns)
+                self._check_access("watch" if watch else "list", resource, ns, ctx)
                 if watch:
                     self._serve_watch(req, resource, ns, query)
                 else:
-                    req.send_json(200, self._list(resource, ns, query))
+                    self._reply(req, ctx, 200, self._list(resource, ns, query))
                 return
             if method == "POST" and ns is not None:
-                self._check_access("create", resource, ns)
+                self._check_access("create", resource, ns, ctx)
                 doc = self._decode(body)
                 with self._lock:
                     out = copy.deepcopy(self._create(resource, ns, doc))
-                req.send_json(201, out)
+                self._reply(req, ctx, 201, out)
                 return
-            raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
+            raise _ApiFailure(405, "MethodNotAllowed", _NOT_ALLOWED)
         if ns is None:
             raise _ApiFailure(404, "NotFound", "the server could not find the requested resource")
         if sub == "log":
             if method != "GET":
-                raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
-            self._check_access("get", "pods/log", ns)
+                raise _ApiFailure(405, "MethodNotAllowed", _NOT_ALLOWED)
+            self._check_access("get", "pods/log", ns, ctx)
             self._serve_log(req, ns, name, query)
             return
         if method == "GET":
-            self._check_access("get", resource, ns)
+            self._check_access("get", resource, ns, ctx)
             with self._lock:
                 out = copy.deepcopy(self._get(resource, ns, name))
-            req.send_json(200, out)
+            self._reply(req, ctx, 200, out)
         elif method == "DELETE":
-            self._check_access("delete", resource, ns)
+            self._check_access("delete", resource, ns, ctx)
             options = self._decode(body) if body else {}
             grace_raw = query.get("gracePeriodSeconds", options.get("gracePeriodSeconds"))
             grace = int(grace_raw) if grace_raw is not None else None
             propagation = query.get("propagationPolicy", options.get("propagationPolicy"))
+            _validation.check_propagation(propagation)
             with self._lock:
                 out = copy.deepcopy(
                     self._delete(resource, ns, name, grace, propagation or "Background")
                 )
-            req.send_json(200, out)
+            if resource == "secrets":  # deleted at once: the answer is a Status, not the object
+                uid = out["metadata"]["uid"]
+                out = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Success",
+                    "details": {"name": name, "kind": resource, "uid": uid},
+                }
+            self._reply(req, ctx, 200, out)
         elif method == "PATCH":
-            self._check_access("patch", resource, ns)
+            self._check_access("patch", resource, ns, ctx)
             content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip()
             patch = self._decode(body)
             with self._lock:
                 out = copy.deepcopy(self._patch(resource, ns, name, patch, content_type))
-            req.send_json(200, out)
+            self._reply(req, ctx, 200, out)
         else:
-            raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
+            raise _ApiFailure(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
 
     @staticmethod
     def _decode(body: bytes) -> Any:
         try:
             return json.loads(body or b"{}")
         except ValueError:
-            raise _ApiFailure(400, "BadRequest", "the request body is not JSON") from None
+            raise _ApiFailure(
+                400,
+                "BadRequest",
+                "the object provided is unrecognized: couldn't get version/kind; json parse error",
+            ) from None
 
-    def _matcher(self, query: Mapping[str, str]) -> Callable[[JSON], bool]:
+    def _matcher(self, resource: str, query: Mapping[str, str]) -> Callable[[JSON], bool]:
         label_tests = _parse_selector(query.get("labelSelector", ""), fields=False)
         field_tests = _parse_selector(query.get("fieldSelector", ""), fields=True)
+        _validation.check_field_selector(resource, [t.key for t in field_tests])
 
         def match(obj: JSON) -> bool:
             labels = obj["metadata"].get("labels") or {}
@@ -924,8 +880,24 @@ class KubernetesAPIEmulator:
 
         return match
 
+    @staticmethod
+    def _resource_version(query: Mapping[str, str]) -> int | None:
+        since = query.get("resourceVersion")
+        if since in (None, ""):
+            return None
+        try:
+            return int(str(since))
+        except ValueError:
+            raise _ApiFailure(
+                500,
+                "",
+                f'resourceVersion: Invalid value: "{since}": strconv.ParseUint: parsing '
+                f'"{since}": invalid syntax',
+            ) from None
+
     def _list(self, resource: str, ns: str | None, query: Mapping[str, str]) -> JSON:
-        match = self._matcher(query)
+        match = self._matcher(resource, query)
+        self._resource_version(query)
         with self._lock:
             items = [
                 copy.deepcopy(obj)
@@ -942,22 +914,19 @@ class KubernetesAPIEmulator:
     def _serve_watch(
         self, req: Handler, resource: str, ns: str | None, query: Mapping[str, str]
     ) -> None:
-        match = self._matcher(query)
+        match = self._matcher(resource, query)
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
-        since = query.get("resourceVersion")
+        since = self._resource_version(query)
         with self._lock:
             initial: list[JSON] = []
-            if since in (None, "", "0"):
+            if not since:
                 for (res, obj_ns, _), obj in sorted(self._objects.items()):
                     if res == resource and (ns is None or obj_ns == ns) and match(obj):
                         initial.append({"type": "ADDED", "object": copy.deepcopy(obj)})
                 cursor = self._rv
             else:
-                try:
-                    cursor = int(str(since))
-                except ValueError:
-                    raise _ApiFailure(400, "BadRequest", "invalid resourceVersion") from None
+                cursor = since
             position = len(self._events)
             while position > 0 and self._events[position - 1][0] > cursor:
                 position -= 1
@@ -998,6 +967,9 @@ class KubernetesAPIEmulator:
         with self._lock:
             pod = self._get("pods", ns, name)
             path = self._log_path(pod["metadata"]["uid"])
+            if path is None and not pod["spec"].get("nodeName"):
+                req.send_body(204, b"", "text/plain")  # as v1.20 answers for a Pod on no node
+                return
             if path is None:
                 first = pod["spec"]["containers"][0]["name"]
                 raise _ApiFailure(
