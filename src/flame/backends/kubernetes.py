@@ -11,7 +11,9 @@ reads its spec once. A runner Pod is a *trimmed* copy of it: the app container's
 image pull secrets, scheduling constraints and its config-like volumes (ConfigMaps, Secrets,
 projected, downward API, emptyDir). It does not copy the parent's labels (a Service or
 ReplicaSet selecting the parent must not select runners), probes, ports, lifecycle hooks,
-init containers, sidecars or persistent volumes. The command is the runner's
+init containers, sidecars (unless named in ``keep_containers``) or persistent volumes: with
+``restartPolicy: Never`` a sidecar would keep a finished runner's Pod running, so a runner's
+end is read from its own container's status. The command is the runner's
 (``python -m flame runner``), ``restartPolicy`` is ``Never``, and an ``ownerReference`` to the
 parent Pod (``controller: true``, so no controller can adopt it) lets the cluster's garbage
 collector delete the runner when the parent goes away, even if the parent dies without
@@ -24,14 +26,23 @@ the Pod with ``valueFrom.secretKeyRef``. So at every moment the Secret has a liv
 collected with its runner (or with the parent, if the parent dies in between), and is also
 deleted explicitly by :meth:`PodHandle.stop`. The parent never reads Secrets.
 
+Nothing is left behind when answers get lost. The backend names the Pod and the Secret
+itself (:func:`runner_names`) before asking for them, so a request that failed in a way that
+may have taken effect (a dropped connection, a timeout, a 5xx) is repeated as it was: a
+create answered 409 AlreadyExists then means the earlier attempt made it. Whatever a failed
+or cancelled boot may have created is deleted by name. And the first boot of each backend
+sweeps the namespace for runner Pods whose parent Pod is gone (or that an earlier process of
+this parent left finished), which the garbage collector misses after ``--cascade=orphan``.
+
 Life of a runner Pod::
 
-    boot()   create Secret (owner: parent Pod) -> create Pod -> re-own Secret (owner: runner Pod)
-             on any failure or cancellation: delete whatever was created, raise BootError
-    wait()   GET the Pod, then watch it; resolve with a description when it is deleted, has
-             Succeeded/Failed, cannot pull its image or build its container, or is
-             Unschedulable (unless wait_for_capacity=True)
-    stop()   delete the Pod and the Secret; 404 is success; idempotent
+    boot()   pick names -> create Secret (owner: parent Pod) -> create Pod
+             -> re-own Secret (owner: runner Pod); each step retried on ambiguous failures;
+             on any failure or cancellation: delete both by name, raise BootError
+    wait()   GET the Pod, then watch it; resolve with a description when it is deleted, its
+             runner container has ended (or the Pod Succeeded/Failed), cannot pull its image
+             or build its container, or is Unschedulable (unless wait_for_capacity=True)
+    stop()   delete the Pod and the Secret; 404 is success; retried; idempotent
 """
 
 from __future__ import annotations
