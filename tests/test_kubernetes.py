@@ -1720,6 +1720,22 @@ def test_the_backend_uses_only_what_the_documented_role_grants(
 
 
 # -- lost answers: each is resolved, and nothing is left ----------------------------------------
+def boot_and_stop(plane: Plane, **options: Any) -> None:
+    """Boot a runner, check that exactly its own Pod and Secret exist and that its Secret was
+    handed to its Pod, stop it, and check that nothing is left."""
+
+    async def scenario() -> None:
+        async with opened(plane.backend(**options)) as backend:
+            handle = await backend.boot(launch())
+            assert flame_objects(plane) == ([handle.pod_name], [handle.secret_name])
+            secret = plane.get_secret(str(handle.secret_name)) or {}
+            assert secret["metadata"]["ownerReferences"][0]["name"] == handle.pod_name
+            await handle.stop()
+
+    run(scenario())
+    plane.nothing_left()
+
+
 @pytest.mark.parametrize(
     ("verb", "resource"),
     [
@@ -1733,36 +1749,16 @@ def test_the_backend_uses_only_what_the_documented_role_grants(
 def test_a_lost_answer_is_resolved_and_leaves_nothing(
     plane: Plane, verb: str, resource: str
 ) -> None:
-    plane.lose_answer(verb, resource)  # the server does it; the backend never hears back
-
-    async def scenario() -> None:
-        async with opened(plane.backend()) as backend:
-            handle = await backend.boot(launch())
-            # exactly one Pod and one Secret, those the handle knows (a create repeated
-            # after a lost answer found its object by name: 409 AlreadyExists)
-            assert flame_objects(plane) == ([handle.pod_name], [handle.secret_name])
-            assert handle.pod_name is not None
-            if (verb, resource) == ("patch", "secrets"):  # repeated: the handover happened
-                secret = plane.get_secret(str(handle.secret_name)) or {}
-                assert secret["metadata"]["ownerReferences"][0]["name"] == handle.pod_name
-            await handle.stop()
-
-    run(scenario())
-    plane.nothing_left()
+    # the server carries the request out; the backend never hears back. A create is
+    # repeated, found by its name (409 AlreadyExists); a patch or delete is just repeated.
+    plane.lose_answer(verb, resource)
+    boot_and_stop(plane)
 
 
 def test_an_answer_that_comes_too_late_is_resolved_and_leaves_nothing(plane: Plane) -> None:
     # the Pod is created, but its answer comes after the client gave up waiting
     plane.lose_answer("create", "pods", delay=3.0)
-
-    async def scenario() -> None:
-        async with opened(plane.backend(request_timeout=1.0)) as backend:
-            handle = await backend.boot(launch())
-            assert flame_objects(plane) == ([handle.pod_name], [handle.secret_name])
-            await handle.stop()
-
-    run(scenario())
-    plane.nothing_left()
+    boot_and_stop(plane, request_timeout=1.0)
 
 
 @pytest.mark.parametrize("resource", ["secrets", "pods"])
@@ -1782,15 +1778,7 @@ def test_when_every_answer_is_lost_the_boot_fails_and_leaves_nothing(
 
 def test_a_dropped_request_is_sent_again(plane: Plane) -> None:
     plane.drop_request("create", "pods")  # lost on its way: never carried out
-
-    async def scenario() -> None:
-        async with opened(plane.backend()) as backend:
-            handle = await backend.boot(launch())
-            assert flame_objects(plane) == ([handle.pod_name], [handle.secret_name])
-            await handle.stop()
-
-    run(scenario())
-    plane.nothing_left()
+    boot_and_stop(plane)
 
 
 # -- parents that go away, and what they leave ------------------------------------------------

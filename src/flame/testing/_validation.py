@@ -235,13 +235,20 @@ def validate_name(kind: str, name: str, meta: JSON) -> None:
     _subdomain(kind, name, "metadata.name", name)
 
 
-def _subdomain(kind: str, name: str, where: str, value: str) -> None:
+def _matches(
+    kind: str, name: str, where: str, value: str, pattern: re.Pattern[str], rule: str
+) -> None:
+    """``value`` (of ``where``) is at most 253 characters and matches ``pattern``."""
     if len(value) > _MAX_NAME:
         raise invalid(
             kind, name, f'{where}: Invalid value: "{value}": must be no more than 253 characters'
         )
-    if not DNS_SUBDOMAIN.match(value):
-        raise invalid(kind, name, f'{where}: Invalid value: "{value}": {_SUBDOMAIN_RULE}')
+    if not pattern.match(value):
+        raise invalid(kind, name, f'{where}: Invalid value: "{value}": {rule}')
+
+
+def _subdomain(kind: str, name: str, where: str, value: str) -> None:
+    _matches(kind, name, where, value, DNS_SUBDOMAIN, _SUBDOMAIN_RULE)
 
 
 def _qualified_key(kind: str, name: str, where: str, key: str) -> None:
@@ -390,9 +397,7 @@ def _validate_env(pod: str, where: str, e: JSON) -> None:
     ref = source[kind]
     at = f"{where}.valueFrom.{kind}"
     if kind in ("secretKeyRef", "configMapKeyRef"):
-        ref_name = str(ref.get("name") or "")
-        if len(ref_name) > _MAX_NAME or not DNS_SUBDOMAIN.match(ref_name):
-            raise invalid("Pod", pod, f'{at}.name: Invalid value: "{ref_name}": {_SUBDOMAIN_RULE}')
+        _subdomain("Pod", pod, f"{at}.name", str(ref.get("name") or ""))
         key = str(ref.get("key") or "")
         if not key:
             raise invalid("Pod", pod, f"{at}.key: Required value")
@@ -431,12 +436,7 @@ def _validate_field_ref(pod: str, at: str, ref: JSON) -> None:
 
 
 def _config_key(kind: str, name: str, where: str, key: str) -> None:
-    if len(key) > _MAX_NAME:
-        raise invalid(
-            kind, name, f'{where}: Invalid value: "{key}": must be no more than 253 characters'
-        )
-    if not _CONFIG_KEY.match(key):
-        raise invalid(kind, name, f'{where}: Invalid value: "{key}": {_KEY_RULE}')
+    _matches(kind, name, where, key, _CONFIG_KEY, _KEY_RULE)
 
 
 def normalise_secret(name: str, secret: JSON) -> None:
