@@ -908,9 +908,10 @@ class KubernetesBackend(Backend):
                         "metadata.namespace), or pass pod_name="
                     )
                 ns = self._target_namespace()
+                client = self._client()
                 pod = await self._api(
                     f"read the parent's own Pod {ns}/{name} (from POD_NAME/POD_NAMESPACE)",
-                    self._client().get(Pod, name, namespace=ns),
+                    _retrying(lambda: client.get(Pod, name, namespace=ns), give_up=lambda: False),
                 )
                 self._parent = pod.to_dict()
             return copy.deepcopy(self._parent)
