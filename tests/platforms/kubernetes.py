@@ -127,6 +127,7 @@ class ControlPlane:
     """A real control plane started by ``up.sh`` (or attached to), reached as its admin."""
 
     _session: ClassVar[ControlPlane | None] = None
+    _failed: ClassVar[str | None] = None  # why it could not start (not tried again)
 
     def __init__(self, state: Path) -> None:
         self.state = state
@@ -147,11 +148,15 @@ class ControlPlane:
         """The session's control plane: attached, started, or a skip saying why not."""
         if cls._session is not None:
             return cls._session
+        if cls._failed is not None:
+            raise RuntimeError(cls._failed)
         attached = os.environ.get("FLAME_K8S_STATE")
-        if attached:
-            plane = cls(Path(attached))
-        else:
-            plane = cls._start(session)
+        try:
+            plane = cls(Path(attached)) if attached else cls._start(session)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            cls._failed = f"the real control plane could not start: {exc}"
+            session.callback(setattr, cls, "_failed", None)
+            raise
         session.callback(plane.http.close)
         cls._session = plane
         session.callback(setattr, cls, "_session", None)
