@@ -12,6 +12,12 @@
   :data:`PLATFORMS`, which skips with the reason when its service cannot start here;
   ``FLAME_SKIP_IS_FAILURE=1`` (set by CI) turns every skip into a failure, so a tier can
   never silently stop running.
+* ``pool``: one started pool per backend and test module, with the module's
+  ``POOL_OPTIONS``, shared by the tests that leave it as they found it (checked before and
+  after each test: nothing in flight). A module that runs on some backends only names them
+  in ``ONLY_ON``.
+* ``make_pool``: makes pools of the test's own (unique names); after the test they are all
+  stopped, and no runner process they booted may remain.
 * ``flame_defaults``: restores every ``flame.configure`` setting after the test.
 * ``runner_pids``: a set a test fills with the pids its runners reported; at teardown each
   of them must be gone.
@@ -23,15 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import flame
-from helpers import assert_pids_gone, runner_pids
+from helpers import assert_pids_gone, runner_pids, wait_until
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +74,19 @@ def _image_env() -> dict[str, str]:
 
 
 def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from flame.backends.fly import FlyRateLimits
     from flame.testing.fly import FlyMachinesEmulator
+    from helpers import fly_traffic
 
+    # Fly's rate limits, 50 times faster on both sides: the suite boots hundreds of runners
+    # (tests/test_fly_pacing.py holds the backend to the real ones)
+    limits = FlyRateLimits().scaled(50)
     emu = stacks.module.enter_context(
-        FlyMachinesEmulator(token="test-token", app="flame-tests", extra_env=_image_env())
+        FlyMachinesEmulator(
+            token="test-token", app="flame-tests", extra_env=_image_env(), rate_limits=limits
+        )
     )
+    fly_traffic.EMULATORS.append(emu)  # every request is checked against Fly's schema
     return lambda: flame.FlyBackend(
         host=emu.url,
         token="test-token",
@@ -79,6 +95,7 @@ def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
         advertise_host="127.0.0.1",
         cpus=1,
         retry_backoff=0.01,
+        rate_limits=limits,
     )
 
 
@@ -109,10 +126,19 @@ def _kubernetes_real(stacks: Stacks) -> Callable[[], flame.Backend]:
     return kubernetes_real(stacks)
 
 
+def _docker(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from platforms.docker import backend_factory  # a real engine (.ci/tier-docker)
+
+    return backend_factory(stacks)
+
+
 #: backends that need a real service (a platform tier of ``.ci/run``), selected only by
 #: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
 #: service cannot start here
-PLATFORMS: dict[str, BackendFactory] = {"kubernetes-real": _kubernetes_real}
+PLATFORMS: dict[str, BackendFactory] = {
+    "docker": _docker,
+    "kubernetes-real": _kubernetes_real,
+}
 
 
 def selected_backends() -> list[str]:
@@ -134,7 +160,16 @@ def selected_backends() -> list[str]:
 IN_PROCESS = {"local"}
 
 
-@pytest.fixture(scope="module", params=selected_backends())
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_id" in metafunc.fixturenames:
+        ids = selected_backends()
+        only = getattr(metafunc.module, "ONLY_ON", None)
+        if only is not None:
+            ids = [i for i in ids if i in only]
+        metafunc.parametrize("backend_id", ids, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def backend_id(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -160,6 +195,53 @@ def make_backend(
 def backend(make_backend: Callable[[], flame.Backend]) -> flame.Backend:
     """A fresh instance of each backend in :data:`BACKENDS`, in turn."""
     return make_backend()
+
+
+# -- pools -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def _module_pool(
+    request: pytest.FixtureRequest, backend_id: str, make_backend: Callable[[], flame.Backend]
+) -> Iterator[flame.Pool]:
+    options: dict[str, Any] = {"max": 1, **getattr(request.module, "POOL_OPTIONS", {})}
+    name = f"{request.module.__name__.removeprefix('test_')}-{backend_id}"
+    with flame.Pool(name, backend=make_backend(), **options) as p:
+        yield p
+
+
+@pytest.fixture
+def pool(_module_pool: flame.Pool) -> Iterator[flame.Pool]:
+    """The module's shared pool on each backend, quiet before and after each test."""
+    wait_until(lambda: _module_pool.stats().in_flight == 0, 10, message="pool busy before test")
+    yield _module_pool
+    wait_until(
+        lambda: _module_pool.stats().in_flight == 0, 10, message="work left in flight by the test"
+    )
+
+
+@pytest.fixture
+def make_pool(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., flame.Pool]]:
+    """Makes pools with unique names (``max=1`` unless given); stops them all after the test
+    and checks that no runner process they booted is left. A ``gate`` file in ``tmp_path`` is
+    touched first, for work a failed test left waiting at a gate there."""
+    pools: list[flame.Pool] = []
+    before = runner_pids()
+    counter = itertools.count()
+
+    def make(backend: flame.Backend, **opts: Any) -> flame.Pool:
+        opts.setdefault("max", 1)
+        pool = flame.Pool(f"{request.node.name}-{next(counter)}", backend=backend, **opts)
+        pools.append(pool)
+        return pool
+
+    yield make
+    (tmp_path / "gate").touch()
+    for pool in pools:
+        pool.stop()
+    wait_until(
+        lambda: runner_pids() <= before, 10, message="runner processes left after the pools stopped"
+    )
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -212,6 +294,12 @@ def _no_runner_outlives_its_module() -> Iterator[None]:
     leaked = runner_pids() - before
     if leaked:
         assert_pids_gone(leaked, 10.0, what="flame runner (leaked by this module)")
+
+
+# -- order ---------------------------------------------------------------------------------------
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``after_suite`` check what the rest of the session did: they run last."""
+    items.sort(key=lambda item: item.get_closest_marker("after_suite") is not None)
 
 
 # -- platform tiers: a skip is a failure where CI says so ------------------------------------

@@ -18,10 +18,11 @@ import enum
 import fractions
 import functools
 import os
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ import numpy as np
 import pytest
 
 import flame
-from conftest import IN_PROCESS
 from helpers import describe, wait_until
 
 
@@ -93,10 +93,11 @@ def raise_builtin(kind: str) -> None:
 
 
 class NeedsTwo(Exception):
-    """Pickles, but cannot be re-created from its args (its __init__ wants two)."""
+    """Its __init__ takes other arguments than its args: it is rebuilt without __init__."""
 
     def __init__(self, a: str, b: str) -> None:
         super().__init__(f"{a}/{b}")
+        self.a, self.b = a, b
 
 
 class HoldsLock(Exception):
@@ -182,24 +183,13 @@ def inner_pool_min() -> tuple[int, int]:
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pool(backend_id: str, make_backend: Callable[[], flame.Backend]) -> Iterator[flame.Pool]:
-    """One started pool per backend, shared by the tests that leave it as they found it."""
-    with flame.Pool(
-        f"calls-{backend_id}",
-        min=1,
-        max=2,
-        max_concurrency=8,
-        backend=make_backend(),
-        idle_shutdown_after=None,
-    ) as p:
-        yield p
+POOL_OPTIONS = {"min": 1, "max": 2, "max_concurrency": 8, "idle_shutdown_after": None}
 
 
 @pytest.fixture
 def remote(backend_id: str) -> bool:
     """True when runners are separate processes."""
-    return backend_id not in IN_PROCESS
+    return backend_id != "local"
 
 
 def _settled(pool: flame.Pool) -> None:
@@ -415,10 +405,52 @@ def test_exception_from_a_lambda_points_at_the_lambda(pool: flame.Pool) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_an_exception_keeps_its_class_and_attributes_whatever_its_init(pool: flame.Pool) -> None:
+    with pytest.raises(NeedsTwo) as info:
+        flame.call(pool, raise_needs_two)
+    err = info.value
+    assert (err.a, err.b, err.args) == ("left", "right", ("left/right",))
+    assert isinstance(err.__cause__, flame.RemoteTraceback)
+    assert "raise_needs_two" in _first_frame(str(err.__cause__))
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+async def async_exit() -> None:
+    sys.exit(4)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("fn", "args", "type_name"),
+    [
+        pytest.param(exit_with, (3,), "SystemExit", id="sys.exit"),
+        pytest.param(interrupt, (), "KeyboardInterrupt", id="KeyboardInterrupt"),
+        pytest.param(async_exit, (), "SystemExit", id="async-sys.exit"),
+    ],
+)
+def test_system_exit_and_other_base_exceptions_arrive_as_remote_error(
+    pool: flame.Pool, fn: Callable[..., Any], args: tuple[Any, ...], type_name: str
+) -> None:
+    """They never end the caller's thread, and the runner goes on serving."""
+    with pytest.raises(flame.RemoteError) as info:
+        flame.call(pool, fn, *args)
+    assert info.value.type_name == type_name
+    assert isinstance(info.value.__cause__, flame.RemoteTraceback)
+    assert flame.call(pool, add, 1, 1) == 2
+    assert asyncio.run(flame.acall(pool, add, 2, 2)) == 4
+
+
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize(
     ("fn", "type_name", "message"),
     [
-        pytest.param(raise_needs_two, "test_calls.NeedsTwo", "left/right", id="cannot-unpickle"),
         pytest.param(raise_holds_lock, "test_calls.HoldsLock", "lock inside", id="cannot-pickle"),
     ],
 )
@@ -650,7 +682,7 @@ def _check() -> bool:
         pytest.param(
             {"max": 1, "min_idle_shutdown_after": -1}, "min_idle_shutdown_after", id="min_idle<0"
         ),
-        pytest.param({"max": 1, "backend": "docker"}, "backend", id="unknown-backend"),
+        pytest.param({"max": 1, "backend": "swarm"}, "backend", id="unknown-backend"),
         pytest.param(
             {"max": 1, "idle_shutdown_after": (5, "not callable")},
             "idle_shutdown_after",
@@ -703,7 +735,7 @@ def test_flame_backend_env_picks_the_default(
         assert pid != os.getpid()
     monkeypatch.setenv("FLAME_BACKEND", "Local")
     assert isinstance(flame.Pool("from-env", max=1).backend, flame.LocalBackend)
-    monkeypatch.setenv("FLAME_BACKEND", "docker")
+    monkeypatch.setenv("FLAME_BACKEND", "swarm")
     with pytest.raises(ValueError, match="FLAME_BACKEND"):
         flame.Pool("from-env", max=1)
 
@@ -721,5 +753,5 @@ def test_configure_backend_overrides_the_env(monkeypatch: pytest.MonkeyPatch) ->
         flame.Pool("configured", max=1, backend="process").backend, flame.ProcessBackend
     )
     with pytest.raises(ValueError, match="backend"):
-        flame.configure(backend="docker")
+        flame.configure(backend="swarm")
     assert flame.Pool("configured", max=1).backend is mine  # unchanged by the bad call

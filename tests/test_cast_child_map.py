@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import flame
-from helpers import assert_pids_gone, pid_alive, runner_pids, wait_until
+from helpers import assert_pids_gone, pid_alive, wait_until
 from helpers import pool_helpers as ph
 from helpers.pool_helpers import holds_for
 
@@ -32,53 +32,13 @@ MAX, MAX_CONCURRENCY = 2, 4
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shared_pool(backend_id: str, make_backend: Callable[[], flame.Backend]) -> Iterator[flame.Pool]:
-    """One started pool per backend for the whole module: two runners, four slots each."""
-    pool = flame.Pool(
-        f"cast-child-map-{backend_id}",
-        min=MAX,
-        max=MAX,
-        max_concurrency=MAX_CONCURRENCY,
-        backend=make_backend(),
-        idle_shutdown_after=None,
-        shutdown_timeout=5,
-    )
-    with pool:
-        yield pool
-
-
-@pytest.fixture
-def pool(shared_pool: flame.Pool, tmp_path: Path) -> Iterator[flame.Pool]:
-    """The shared pool, quiet before and after each test."""
-    wait_until(lambda: shared_pool.stats().in_flight == 0, 10, message="pool busy before test")
-    yield shared_pool
-    (tmp_path / "gate").touch()  # a failed test may have left gated work waiting
-    wait_until(
-        lambda: (s := shared_pool.stats()).in_flight == 0 and s.waiting == 0,
-        10,
-        message="work left in flight by the test",
-    )
-
-
-@pytest.fixture
-def fresh_pool(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[..., flame.Pool]]:
-    """Pools of the test's own (stopped after it; none of their runners may remain)."""
-    pools: list[flame.Pool] = []
-    before = runner_pids()
-
-    def make(backend: flame.Backend, **opts: Any) -> flame.Pool:
-        pool = flame.Pool(f"{request.node.name}-{len(pools)}", backend=backend, **opts)
-        pools.append(pool)
-        return pool
-
-    yield make
-    (tmp_path / "gate").touch()  # a failed test may have left gated work waiting
-    for p in pools:
-        p.stop()
-    wait_until(lambda: runner_pids() <= before, 10, message="runners left after stop")
+POOL_OPTIONS = {
+    "min": MAX,
+    "max": MAX,
+    "max_concurrency": MAX_CONCURRENCY,
+    "idle_shutdown_after": None,
+    "shutdown_timeout": 5,
+}
 
 
 # -- cast ------------------------------------------------------------------------------------------
@@ -99,9 +59,9 @@ def test_cast_returns_at_once_and_takes_a_slot(pool: flame.Pool, tmp_path: Path)
 
 @pytest.mark.timeout(20)
 def test_cast_on_a_cold_pool_returns_before_a_runner_is_up(
-    backend: flame.Backend, fresh_pool: Callable[..., flame.Pool], tmp_path: Path
+    backend: flame.Backend, make_pool: Callable[..., flame.Pool], tmp_path: Path
 ) -> None:
-    cold = fresh_pool(backend, max=1)
+    cold = make_pool(backend, max=1)
     cold.start()
     assert cold.stats().runners == 0
     done = tmp_path / "done"
@@ -109,7 +69,7 @@ def test_cast_on_a_cold_pool_returns_before_a_runner_is_up(
     cold.cast(ph.write_after, str(done), 0.0)
     assert time.monotonic() - started < 0.5
     wait_until(done.exists)
-    if not backend.in_process:
+    if not isinstance(backend, flame.LocalBackend):
         assert int(done.read_text()) != os.getpid()
 
 
@@ -161,7 +121,7 @@ def test_child_lives_on_a_runner_in_one_slot_until_stopped(
     assert child.call("incr", 5) == 15
     assert child.call("incr") == 16
     assert child.call(ph.Counter.incr, 2) == 18  # a method works as well as its name
-    if not pool.backend.in_process:
+    if not isinstance(pool.backend, flame.LocalBackend):
         assert child.call("pid") != os.getpid()
     with pytest.raises(ValueError, match="child method failed") as info:
         child.call("boom")
@@ -255,9 +215,9 @@ def test_child_as_context_manager_is_stopped_on_exit(pool: flame.Pool, tmp_path:
 
 @pytest.mark.timeout(20)
 def test_child_is_never_restarted_after_its_runner_dies(
-    fresh_pool: Callable[..., flame.Pool], tmp_path: Path
+    make_pool: Callable[..., flame.Pool], tmp_path: Path
 ) -> None:
-    pool = fresh_pool(flame.ProcessBackend(), max=1, max_concurrency=2, idle_shutdown_after=None)
+    pool = make_pool(flame.ProcessBackend(), max=1, max_concurrency=2, idle_shutdown_after=None)
     entered = tmp_path / "entered"
     child = pool.place_child(ph.Sleeper, str(entered))
     runner = int(entered.read_text())
@@ -347,7 +307,7 @@ def test_map_yields_results_in_input_order_spread_over_runners(pool: flame.Pool)
         sampler.join()
     assert [square for square, _ in results] == [x * x for x in range(20)]
     assert max(samples) <= MAX * MAX_CONCURRENCY
-    if not pool.backend.in_process:
+    if not isinstance(pool.backend, flame.LocalBackend):
         assert len({pid for _, pid in results}) == MAX  # both runners did some of the work
 
 
@@ -402,10 +362,10 @@ def test_amap_from_asyncio(pool: flame.Pool) -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.usefixtures("flame_defaults")
 def test_pool_stop_ends_a_live_child_calling_close(
-    backend: flame.Backend, fresh_pool: Callable[..., flame.Pool], tmp_path: Path
+    backend: flame.Backend, make_pool: Callable[..., flame.Pool], tmp_path: Path
 ) -> None:
     flame.configure(cancel_grace=10.0)
-    pool = fresh_pool(backend, max=1, shutdown_timeout=0.3)
+    pool = make_pool(backend, max=1, shutdown_timeout=0.3)
     closed = tmp_path / "closed"
     child = pool.place_child(ph.Counter, 0, str(closed))
     runner = child.call("pid")
@@ -416,5 +376,5 @@ def test_pool_stop_ends_a_live_child_calling_close(
     assert time.monotonic() - started < 5
     assert closed.read_text() == "closed"
     assert not child.alive
-    if not backend.in_process:
+    if not isinstance(backend, flame.LocalBackend):
         assert_pids_gone([runner])

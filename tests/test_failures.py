@@ -15,14 +15,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import flame
-from conftest import IN_PROCESS
 from helpers import pid_alive, runner_pids, wait_until
 from helpers.pool_helpers import Caller
 
@@ -103,39 +102,25 @@ _LOCK = threading.Lock()
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pool(backend_id: str, make_backend: Callable[[], flame.Backend]) -> Iterator[flame.Pool]:
-    """A shared pool for the failures that leave its runner alive."""
-    with flame.Pool(
-        f"failures-{backend_id}",
-        max=1,
-        max_concurrency=4,
-        backend=make_backend(),
-        idle_shutdown_after=None,
-    ) as p:
-        yield p
+POOL_OPTIONS = {"max": 1, "max_concurrency": 4, "idle_shutdown_after": None}
 
 
 @pytest.fixture
 def crashable(
-    backend_id: str, make_backend: Callable[[], flame.Backend]
-) -> Iterator[Callable[..., flame.Pool]]:
-    """Makes fresh pools whose runners a test may crash (separate-process backends only)."""
-    if backend_id in IN_PROCESS:
+    backend_id: str,
+    make_backend: Callable[[], flame.Backend],
+    make_pool: Callable[..., flame.Pool],
+) -> Callable[..., flame.Pool]:
+    """Makes started pools whose runners a test may crash (separate-process backends only)."""
+    if backend_id == "local":
         pytest.skip("crashing an in-process runner would crash the test process")
-    pools: list[flame.Pool] = []
 
-    def make(name: str, **options: Any) -> flame.Pool:
-        options.setdefault("max", 1)
+    def make(**options: Any) -> flame.Pool:
         options.setdefault("max_concurrency", 4)
         options.setdefault("idle_shutdown_after", None)
-        p = flame.Pool(f"{name}-{backend_id}", backend=make_backend(), **options)
-        pools.append(p)
-        return p.start()
+        return make_pool(make_backend(), **options).start()
 
-    yield make
-    for p in pools:
-        p.stop()
+    return make
 
 
 def _read(path: Path) -> str:
@@ -194,8 +179,13 @@ def test_closure_over_an_unpicklable_object_names_the_variable(pool: flame.Pool)
     assert "closure variable 'lock'" in message
     assert "uses_lock" in message
 
+    # a module the runner imports: the lambda's globals are the runner's own
+    assert flame.call(pool, lambda: _LOCK.locked()) is False  # noqa: PLW0108
+    # code the runner cannot import (a notebook cell): its globals travel by value
+    cell: dict[str, Any] = {"__name__": "notebook_cell", "_LOCK": threading.Lock()}
+    exec("check = lambda: _LOCK.locked()", cell)
     with pytest.raises(flame.SerializationError, match="global '_LOCK'"):
-        flame.call(pool, lambda: _LOCK.locked())  # noqa: PLW0108 - shipped by value
+        flame.call(pool, cell["check"])
 
     with pytest.raises(flame.SerializationError, match="the object it is bound to"):
         flame.call(pool, HoldsLock().method)
@@ -220,7 +210,7 @@ def test_argument_that_fails_to_unpickle_on_the_runner(pool: flame.Pool) -> None
 def test_argument_whose_unpickling_kills_the_runner(
     crashable: Callable[..., flame.Pool],
 ) -> None:
-    p = crashable("load-exits")
+    p = crashable()
     first = flame.call(p, getpid)
     started = time.monotonic()
     with pytest.raises(flame.RunnerLost) as info:
@@ -237,7 +227,7 @@ def test_argument_whose_unpickling_kills_the_runner(
 def test_function_calling_os_exit_loses_its_runner_with_the_exit_code(
     crashable: Callable[..., flame.Pool],
 ) -> None:
-    p = crashable("os-exit")
+    p = crashable()
     first = flame.call(p, getpid)
     with pytest.raises(flame.RunnerLost) as info:
         flame.call(p, exits, 3, timeout=15)
@@ -250,7 +240,7 @@ def test_function_calling_os_exit_loses_its_runner_with_the_exit_code(
 
 @pytest.mark.timeout(20)
 def test_runner_sigkilled_mid_call(crashable: Callable[..., flame.Pool], tmp_path: Path) -> None:
-    p = crashable("sigkill", max_concurrency=4)
+    p = crashable(max_concurrency=4)
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
         d.mkdir()
@@ -277,7 +267,7 @@ def test_call_stuck_in_c_code_times_out_then_its_runner_exits_and_the_pool_recov
     backend_id: str, make_backend: Callable[[], flame.Backend], tmp_path: Path
 ) -> None:
     flame.configure(cancel_grace=0.5)
-    remote = backend_id not in IN_PROCESS
+    remote = backend_id != "local"
     stuck_dir, other_dir = tmp_path / "stuck", tmp_path / "other"
     stuck_dir.mkdir()
     other_dir.mkdir()

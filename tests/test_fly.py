@@ -25,10 +25,12 @@ import pytest
 import flame
 import flame.backends.fly as fly_module
 from flame import BootError, RunnerLaunch
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from flame._parent import LaunchInfo
-from flame.backends.fly import FlyBackend, FlyMachineHandle
+from flame.backends.fly import FlyBackend, FlyMachineHandle, FlyRateLimits
+from flame.testing import _fly_api
 from flame.testing.fly import FlyMachinesEmulator
+from helpers import wait_until
 
 T = TypeVar("T")
 
@@ -41,6 +43,8 @@ SLEEP = ("python", "-c", "import time; time.sleep(60)")
 # Machine processes import flame (and, for the end-to-end tests, this module) the way a
 # runner in the image would: the image holds this same code, so share sys.path with them.
 IMAGE_ENV = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+# Fly's rate limits, faster, on both sides (tests/test_fly_pacing.py uses the real ones)
+FAST = FlyRateLimits().scaled(50)
 
 
 def run(coro: Awaitable[T], timeout: float = 20.0) -> T:
@@ -52,7 +56,9 @@ def run(coro: Awaitable[T], timeout: float = 20.0) -> T:
 
 @pytest.fixture
 def emulator() -> Iterator[FlyMachinesEmulator]:
-    with FlyMachinesEmulator(token=TOKEN, app=APP, region="ams", extra_env=IMAGE_ENV) as emu:
+    with FlyMachinesEmulator(
+        token=TOKEN, app=APP, region="ams", extra_env=IMAGE_ENV, rate_limits=FAST
+    ) as emu:
         yield emu
 
 
@@ -66,6 +72,7 @@ def make_backend(emulator: FlyMachinesEmulator, **options: Any) -> FlyBackend:
         "advertise_host": "127.0.0.1",
         "retry_backoff": 0.01,
         "cpus": 2,
+        "rate_limits": FAST,
     }
     settings.update(options)
     return FlyBackend(**settings)
@@ -81,6 +88,18 @@ async def opened(backend: FlyBackend) -> AsyncIterator[FlyBackend]:
 
 def launch(argv: tuple[str, ...] = SLEEP, runner_id: str = "r1") -> RunnerLaunch:
     return RunnerLaunch(runner_id=runner_id, pool="thumbs", env={"FLAME_PARENT": SECRET}, argv=argv)
+
+
+def boot_and_stop(emulator: FlyMachinesEmulator, **options: Any) -> str:
+    """Boot one machine with a backend of ``options``, stop it; its id."""
+
+    async def scenario() -> str:
+        async with opened(make_backend(emulator, **options)) as backend:
+            handle = await backend.boot(launch())
+            await handle.stop()
+            return handle.id
+
+    return run(scenario())
 
 
 def pid_alive(pid: int) -> bool:
@@ -104,6 +123,8 @@ def test_settings_come_from_the_fly_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("FLY_IMAGE_REF", "registry.fly.io/envapp:1")
     monkeypatch.setenv("FLY_REGION", "fra")
     monkeypatch.setenv("FLY_PRIVATE_IP", "fdaa:0:1::2")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("FLY_VM_MEMORY_MB", raising=False)
     backend = FlyBackend()
     backend.validate()
     assert (backend.app, backend.image, backend.region) == (
@@ -111,12 +132,13 @@ def test_settings_come_from_the_fly_environment(monkeypatch: pytest.MonkeyPatch)
         "registry.fly.io/envapp:1",
         "fra",
     )
-    assert backend.cpus == (os.cpu_count() or 1)
-    assert (backend.cpu_kind, backend.memory_mb, backend.host) == (
+    assert (backend.cpu_kind, backend.cpus, backend.memory_mb, backend.host) == (
         "performance",
+        2,
         4096,
         "https://api.machines.dev",
     )
+    assert backend.skip_secrets is False
     assert backend.listen_host() == "::"
     assert list(backend.advertise_hosts()) == ["fdaa:0:1::2"]
     assert backend.name == "fly"
@@ -137,11 +159,88 @@ def test_missing_settings_name_option_and_variable(monkeypatch: pytest.MonkeyPat
         FlyBackend(token="t", app="a", image="i").advertise_hosts()
 
 
+def test_the_default_size_is_one_fly_accepts_on_any_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cpu_count in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 64, 96, 128):
+        monkeypatch.setattr(os, "cpu_count", lambda n=cpu_count: n)
+        for parent_memory in (None, "256", "1024", "2048", "8192", "65536", "junk"):
+            if parent_memory is None:
+                monkeypatch.delenv("FLY_VM_MEMORY_MB", raising=False)
+            else:
+                monkeypatch.setenv("FLY_VM_MEMORY_MB", parent_memory)
+            for cpu_kind in ("performance", "shared"):
+                backend = FlyBackend(token=TOKEN, app=APP, image=IMAGE, cpu_kind=cpu_kind)
+                guest = {"cpu_kind": cpu_kind, "cpus": backend.cpus, "memory_mb": backend.memory_mb}
+                # judged by the emulator's own transcription of Fly's rules
+                assert _fly_api.guest_problem(guest) is None, (cpu_count, parent_memory, guest)
+                assert backend.cpus <= cpu_count
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setenv("FLY_VM_MEMORY_MB", "12288")
+    assert FlyBackend(token=TOKEN, app=APP, image=IMAGE).memory_mb == 12288  # the parent's own
+    monkeypatch.setenv("FLY_VM_MEMORY_MB", "1024")
+    assert FlyBackend(token=TOKEN, app=APP, image=IMAGE).memory_mb == 8192  # brought in range
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert FlyBackend(token=TOKEN, app=APP, image=IMAGE).cpus == 1
+
+
+def test_with_a_gpu_the_default_is_fly_gpu_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLY_VM_MEMORY_MB", raising=False)
+    backend = FlyBackend(token=TOKEN, app=APP, image=IMAGE, gpu_kind="l40s")
+    assert (backend.cpus, backend.memory_mb, backend.gpus) == (8, 32768, 1)
+
+
+def test_the_backend_and_the_emulator_agree_on_every_size() -> None:
+    """Two transcriptions of Fly's sizing rules (the backend's, the emulator's) say the same
+    about every CPU kind, CPU count and memory size around the boundaries."""
+    for kind in ("shared", "performance", "dedicated"):
+        for cpus in range(1, 18):
+            for memory in range(0, 8192 * 17 + 512, 128):
+                guest = {"cpu_kind": kind, "cpus": cpus, "memory_mb": memory}
+                refused = _fly_api.guest_problem(guest)
+                try:
+                    FlyBackend(
+                        token=TOKEN,
+                        app=APP,
+                        image=IMAGE,
+                        cpu_kind=kind,
+                        cpus=cpus,
+                        memory_mb=memory,
+                    )
+                except ValueError:
+                    assert refused, guest
+                else:
+                    assert refused is None, guest
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        ({"cpus": 3}, "cpus=3 is not a size Fly offers: performance CPUs come in 1, 2, 4, 8 or 16"),
+        ({"cpus": 6}, r"\(shared: 1, 2, 4, 6 or 8\)"),
+        ({"cpu_kind": "shared", "cpus": 16}, "shared CPUs come in 1, 2, 4, 6 or 8"),
+        ({"cpus": 4, "memory_mb": 4096}, "2048-8192 MiB per CPU, so 8192-32768 MiB for cpus=4"),
+        ({"cpu_kind": "shared", "cpus": 1, "memory_mb": 4096}, "256-2048 MiB per CPU"),
+        ({"cpus": 1, "memory_mb": 2100}, "in steps of 256"),
+        ({"cpu_kind": "dedicated"}, "cpu_kind must be 'shared' or 'performance'"),
+    ],
+)
+def test_a_size_fly_would_refuse_fails_at_construction_naming_the_rule(
+    options: dict[str, Any], rule: str
+) -> None:
+    with pytest.raises(ValueError, match=rule):
+        FlyBackend(token=TOKEN, app=APP, image=IMAGE, **options)
+
+
 @pytest.mark.parametrize(
     ("options", "option"),
     [
         ({"memory_mb": 1000}, "memory_mb"),
         ({"cpus": 0}, "cpus"),
+        ({"metadata": {"fly_process_group": "app"}}, "fly_process_group.*belong to Fly"),
+        ({"metadata": {"fly_platform_version": "v2"}}, "fly_platform_version"),
+        ({"metadata": {"flame_pool": "x"}}, "set by flame itself"),
+        ({"stop_timeout": -1}, "stop_timeout"),
+        ({"stop_timeout": 61}, "stop_timeout"),
+        ({"skip_secrets": "yes"}, "skip_secrets"),
         ({"gpus": 2}, "gpus"),
         ({"host": "api.machines.dev"}, "host"),
         ({"max_boot_retries": -1}, "max_boot_retries"),
@@ -262,6 +361,15 @@ def test_boot_creates_one_machine_and_stop_destroys_it(emulator: FlyMachinesEmul
     assert machine.state == "destroyed"
     assert machine.pid is not None
     emulator.wait_until(lambda: not pid_alive(machine.pid or 0), timeout=5)
+    # a graceful stop (SIGTERM, then Fly's SIGKILL after the timeout) came first; the machine
+    # stopped and auto_destroy removed it, so no forced destroy was needed
+    assert machine.stop_request == {"signal": "SIGTERM", "timeout": 5.0}
+    (stop,) = emulator.requests_for("stop")
+    assert stop.body == {"signal": "SIGTERM", "timeout": "5s"}
+    (waited,) = emulator.requests_for("wait")
+    assert ("version", machine.version) in waited.query_pairs
+    assert [v for k, v in waited.query_pairs if k == "state"] == ["stopped", "destroyed", "failed"]
+    assert not emulator.requests_for("delete")
 
     creates = emulator.requests_for("create")
     assert len(creates) == 1
@@ -274,10 +382,40 @@ def test_boot_creates_one_machine_and_stop_destroys_it(emulator: FlyMachinesEmul
     assert body["config"]["auto_destroy"] is True
     assert body["config"]["restart"] == {"policy": "no"}
     assert machine.metadata["flame_runner_id"] == "r1"
-    deletes = emulator.requests_for("delete")
-    assert len(deletes) == 1
-    assert deletes[0].query == {"force": "true"}
+    assert "skip_secrets" not in body
     assert all(r.authorized for r in emulator.requests)
+
+
+def test_a_machine_that_ignores_sigterm_is_destroyed_by_force(
+    emulator: FlyMachinesEmulator, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    stubborn = (
+        "python",
+        "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1], 'w').close(); time.sleep(60)",
+        str(ready),
+    )
+
+    async def scenario(stop_timeout: float) -> str:
+        ready.unlink(missing_ok=True)
+        async with opened(make_backend(emulator, stop_timeout=stop_timeout)) as backend:
+            handle = await backend.boot(launch(argv=stubborn))
+            await asyncio.to_thread(wait_until, ready.exists, 10)
+            await handle.stop()
+            return handle.id
+
+    graceful = run(scenario(1))  # Fly sends SIGKILL when the stop's timeout passes
+    machine = emulator.machine(graceful)
+    assert machine.state == "destroyed"
+    assert machine.stop_request == {"signal": "SIGTERM", "timeout": 1.0}
+    assert machine.exit_code == -9  # SIGTERM ignored; killed after the timeout
+    forced = run(scenario(0))  # no grace: straight to DELETE ?force=true
+    assert emulator.machine(forced).state == "destroyed"
+    assert emulator.machine(forced).stop_request is None
+    (delete,) = [r for r in emulator.requests_for("delete") if forced in r.path]
+    assert delete.query == {"force": "true"}
 
 
 def test_machine_gets_only_the_given_env_and_never_the_token(
@@ -341,7 +479,7 @@ def test_wait_resolves_with_the_exit_code_and_after_a_crash(emulator: FlyMachine
     first, second, third = run(scenario())
     assert first == "exited with code 209 (importing the application raised); Fly machine destroyed"
     assert second == "killed by SIGKILL; Fly machine destroyed"
-    assert third == "Fly machine destroyed"
+    assert third == "killed by SIGTERM; Fly machine destroyed"  # the graceful stop's signal
 
 
 def test_wrong_token_is_a_boot_error_without_the_token(emulator: FlyMachinesEmulator) -> None:
@@ -375,13 +513,7 @@ def test_wrong_app_is_a_boot_error_with_a_hint(emulator: FlyMachinesEmulator) ->
 @pytest.mark.parametrize("token", ["FlyV1 fm2_abc,fm2_def", "fm2_abc,fm2_def"])
 def test_macaroon_tokens_use_the_flyv1_scheme(token: str) -> None:
     with FlyMachinesEmulator(token="FlyV1 fm2_abc,fm2_def", app=APP) as emu:
-
-        async def scenario() -> None:
-            async with opened(make_backend(emu, token=token)) as backend:
-                handle = await backend.boot(launch())
-                await handle.stop()
-
-        run(scenario())
+        boot_and_stop(emu, token=token)
         assert all(r.authorized for r in emu.requests)
 
 
@@ -389,16 +521,15 @@ def test_capacity_and_rate_limit_answers_are_retried(emulator: FlyMachinesEmulat
     emulator.fail_next_creates(429, message="rate limit exceeded", retry_after=0)
     emulator.fail_next_creates(412, message="insufficient resources")
     emulator.fail_next_creates(409, message="capacity went away")
-    emulator.fail_next_creates(422, message="no capacity for volume")
+    emulator.fail_next_creates(
+        422, message="no capacity for volume", error_status="volume_placement_capacity"
+    )
+    emulator.fail_next_creates(
+        400, message="no capacity in ams", error_status="insufficient_capacity"
+    )
 
-    async def scenario() -> str:
-        async with opened(make_backend(emulator)) as backend:
-            handle = await backend.boot(launch())
-            await handle.stop()
-            return handle.id
-
-    machine_id = run(scenario())
-    assert [r.status for r in emulator.requests_for("create")] == [429, 412, 409, 422, 200]
+    machine_id = boot_and_stop(emulator)
+    assert [r.status for r in emulator.requests_for("create")] == [429, 412, 409, 422, 400, 200]
     assert [m.id for m in emulator.machines()] == [machine_id]
 
 
@@ -423,39 +554,65 @@ def test_retries_are_bounded_and_back_off(emulator: FlyMachinesEmulator) -> None
     assert not emulator.machines()
 
 
-def test_other_client_errors_fail_at_once(emulator: FlyMachinesEmulator) -> None:
-    emulator.fail_next_creates(400, message="invalid config: guest too big", count=3)
+@pytest.mark.parametrize("code", [400, 422])
+def test_an_invalid_request_fails_at_once_quoting_fly(
+    emulator: FlyMachinesEmulator, code: int
+) -> None:
+    emulator.fail_next_creates(code, message="invalid config.guest.memory_mb", count=3)
 
     async def scenario() -> None:
-        async with opened(make_backend(emulator)) as backend:
+        async with opened(make_backend(emulator, retry_backoff=1.0)) as backend:
             await backend.boot(launch())
 
-    with pytest.raises(BootError, match=r"HTTP 400: invalid config: guest too big"):
+    with pytest.raises(BootError, match=rf"HTTP {code}: invalid config.guest.memory_mb") as info:
         run(scenario())
-    assert len(emulator.requests_for("create")) == 1
+    (create,) = emulator.requests_for("create")  # not retried
+    assert f"(fly-request-id {create.request_id})" in str(info.value)  # Fly support asks for it
+
+
+def test_a_field_outside_fly_schema_is_refused_at_once(emulator: FlyMachinesEmulator) -> None:
+    async def scenario() -> None:
+        backend = make_backend(emulator, extra_config={"stop_config": {"timeout": 10}})
+        async with opened(backend):
+            await backend.boot(launch())
+
+    with pytest.raises(BootError, match=r"HTTP 400: config.stop_config.timeout: expected string"):
+        run(scenario())
+    assert not emulator.machines()
+
+
+def test_every_boot_error_quotes_the_fly_request_id(emulator: FlyMachinesEmulator) -> None:
+    emulator.fail_next_creates(503, count=3, message="upstream unavailable")
+
+    async def scenario() -> None:
+        async with opened(make_backend(emulator, max_boot_retries=2)) as backend:
+            await backend.boot(launch())
+
+    with pytest.raises(BootError, match="after 3 attempts") as info:
+        run(scenario())
+    last = emulator.requests_for("create")[-1]
+    assert f"HTTP 503: upstream unavailable (fly-request-id {last.request_id})" in str(info.value)
 
 
 def test_server_errors_are_retried_after_checking_by_name(emulator: FlyMachinesEmulator) -> None:
     emulator.fail_next_creates(503, message="upstream unavailable")
-
-    async def scenario() -> None:
-        async with opened(make_backend(emulator)) as backend:
-            handle = await backend.boot(launch())
-            await handle.stop()
-
-    run(scenario())
+    boot_and_stop(emulator)
     assert [(r.action, r.status) for r in emulator.requests if r.action in ("create", "list")] == [
         ("create", 503),
         ("list", 200),
         ("create", 200),
     ]
     assert len(emulator.machines()) == 1
+    # the look-up asks for this runner's machines only, without their configs
+    (lookup,) = emulator.requests_for("list")
+    assert lookup.query == {"summary": "true", "metadata.flame_runner_id": "r1"}
 
 
+@pytest.mark.parametrize("stand_in", [None, 502, 504])
 def test_a_lost_answer_adopts_the_machine_instead_of_leaking_it(
-    emulator: FlyMachinesEmulator,
+    emulator: FlyMachinesEmulator, stand_in: int | None
 ) -> None:
-    emulator.hang_up_next("create")
+    emulator.lose_next_create_answer(status=stand_in)
 
     async def scenario() -> str:
         async with opened(make_backend(emulator)) as backend:
@@ -465,9 +622,41 @@ def test_a_lost_answer_adopts_the_machine_instead_of_leaking_it(
             return handle.id
 
     machine_id = run(scenario())
-    assert [m.id for m in emulator.machines()] == [machine_id]
+    assert [m.id for m in emulator.machines()] == [machine_id]  # no twin
     assert len(emulator.requests_for("create")) == 1
     assert emulator.machine(machine_id).state == "destroyed"
+
+
+def test_a_lost_answer_on_the_last_attempt_leaves_no_machine(
+    emulator: FlyMachinesEmulator,
+) -> None:
+    emulator.lose_next_create_answer()
+
+    async def scenario() -> None:
+        async with opened(make_backend(emulator, max_boot_retries=0)) as backend:
+            await backend.boot(launch())
+
+    with pytest.raises(BootError, match="after 1 attempts"):
+        run(scenario())
+    (machine,) = emulator.machines()  # it was made, and booted...
+    assert machine.state == "destroyed"  # ...and found and destroyed before boot() returned
+
+
+def test_a_look_up_that_misses_makes_no_twin(emulator: FlyMachinesEmulator) -> None:
+    """The answer is lost, the look-up fails too: the second create is refused for its taken
+    name, and the backend adopts the machine it finds then."""
+    emulator.lose_next_create_answer()
+    emulator.fail_next("list", 503)
+
+    machine_id = boot_and_stop(emulator)
+    assert [m.id for m in emulator.machines()] == [machine_id]
+    assert [(r.action, r.status) for r in emulator.requests if r.action in ("create", "list")] == [
+        ("create", 0),
+        ("list", 503),
+        ("create", 409),
+        ("list", 200),
+    ]
+    assert emulator.requests_for("create")[1].answer["status"] == "name_taken"
 
 
 def test_a_boot_cancelled_mid_create_destroys_the_machine(emulator: FlyMachinesEmulator) -> None:
@@ -491,11 +680,76 @@ def test_stop_tolerates_a_machine_that_is_already_gone(emulator: FlyMachinesEmul
     async def scenario() -> None:
         async with opened(make_backend(emulator)) as backend:
             handle = await backend.boot(launch(argv=("python", "-c", "pass")))
-            await handle.wait()
+            await handle.wait()  # it saw the machine destroyed: stop has nothing to do
             await handle.stop()
+            other = await backend.boot(launch(argv=("python", "-c", "pass")))
+            await asyncio.to_thread(
+                emulator.wait_until, lambda: not emulator.machine(other.id).alive, 5
+            )
+            await other.stop()  # it did not see it: the stop and the delete find it gone
 
     run(scenario())
+    assert [r.status for r in emulator.requests_for("stop")] == [400]
     assert [r.status for r in emulator.requests_for("delete")] == [404]
+
+
+def test_wait_falls_back_to_instance_id_and_reads_guest_exit_codes(
+    emulator: FlyMachinesEmulator,
+) -> None:
+    backend = make_backend(emulator)
+    handle = FlyMachineHandle(backend, {"id": "m1", "instance_id": "01ABC", "state": "started"})
+    assert (handle.version, handle.instance_id) == ("01ABC", "01ABC")
+    newer = FlyMachineHandle(backend, {"id": "m2", "version": "01V", "instance_id": "01I"})
+    assert newer.version == "01V"
+    exits = [
+        ({"exit_code": 203}, "exited with code 203 (idle shutdown)"),
+        ({"guest_exit_code": 209}, "exited with code 209 (importing the application raised)"),
+        ({"signal": 9}, "killed by SIGKILL"),
+        ({"requested_stop": True}, "exited with code 0 (stopped by its parent)"),  # omitempty
+        ({"exit_code": 137, "oom_killed": True}, "exited with code 137, out of memory"),
+    ]
+    for exit_event, text in exits:
+        for request in ({"exit_event": exit_event}, {"MonitorEvent": {"exit_event": exit_event}}):
+            machine = {"events": [{"type": "exit", "status": "stopped", "request": request}]}
+            assert fly_module._exit_description(machine) == text
+
+
+def test_a_machine_that_fails_to_launch_is_over(emulator: FlyMachinesEmulator) -> None:
+    emulator.fail_launch_next(linger=30)
+
+    async def scenario() -> str | None:
+        async with opened(make_backend(emulator, stop_timeout=0)) as backend:
+            handle = await backend.boot(launch())
+            ended = await handle._ended()
+            await handle.stop()
+            return ended
+
+    assert run(scenario()) == "Fly machine launch_failed"
+    (machine,) = emulator.machines()
+    assert machine.state == "destroyed"
+    assert machine.pid is None
+
+
+def test_skip_secrets_keeps_the_app_secrets_off_runners(
+    emulator: FlyMachinesEmulator, tmp_path: Path
+) -> None:
+    emulator.secrets["FLY_API_TOKEN"] = TOKEN  # kept as a Fly secret, as the docs advise
+    out = tmp_path / "env.json"
+    dump = (
+        "python",
+        "-c",
+        "import json,os,sys; json.dump(sorted(os.environ), open(sys.argv[1], 'w'))",
+    )
+
+    async def scenario(skip: bool) -> list[str]:
+        async with opened(make_backend(emulator, skip_secrets=skip)) as backend:
+            handle = await backend.boot(launch(argv=(*dump, str(out))))
+            await handle.wait()
+        return list(json.loads(out.read_text()))
+
+    assert "FLY_API_TOKEN" in run(scenario(False))  # Fly gives every machine the secrets
+    assert "FLY_API_TOKEN" not in run(scenario(True))
+    assert emulator.requests_for("create")[-1].body["skip_secrets"] is True
 
 
 def test_stop_finishes_even_if_its_caller_is_cancelled(emulator: FlyMachinesEmulator) -> None:
@@ -527,44 +781,6 @@ def test_client_is_reopened_after_aclose(emulator: FlyMachinesEmulator) -> None:
 
 
 # -- the emulator itself ---------------------------------------------------------------------
-
-
-def test_emulator_semantics(emulator: FlyMachinesEmulator) -> None:
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    base = f"{emulator.url}/v1/apps/{APP}/machines"
-    body = {"name": "m1", "config": {"image": IMAGE, "init": {"cmd": list(SLEEP)}}}
-    with httpx.Client(headers=auth, timeout=10) as client:
-        assert client.get(base, headers={"Authorization": "Bearer nope"}).status_code == 401
-        assert client.post(base, json={"config": {}}).status_code == 400
-        created = client.post(base, json=body).json()
-        mid = created["id"]
-        assert created["state"] == "started"
-        assert created["private_ip"] == "127.0.0.1"
-        assert [m["id"] for m in client.get(base).json()] == [mid]
-        waited = client.get(f"{base}/{mid}/wait", params={"state": "stopped", "timeout": 0.2})
-        assert waited.status_code == 408
-        assert client.get(f"{base}/{mid}/wait", params={"state": "started"}).status_code == 200
-        refused = client.delete(f"{base}/{mid}")
-        assert refused.status_code == 412
-        assert "force" in refused.json()["error"]
-        assert client.post(f"{base}/{mid}/stop", json={"signal": "SIGTERM"}).status_code == 200
-        stopped = client.get(f"{base}/{mid}/wait", params={"state": "stopped", "timeout": 10})
-        assert stopped.status_code == 200
-        # Created without auto_destroy: stopped, not destroyed, until deleted.
-        assert client.get(f"{base}/{mid}").json()["state"] == "stopped"
-        assert client.delete(f"{base}/{mid}").status_code == 200
-        assert client.get(f"{base}/{mid}").json()["state"] == "destroyed"
-        assert client.get(base).json() == []
-        assert len(client.get(base, params={"include_deleted": "true"}).json()) == 1
-        assert client.delete(f"{base}/{mid}", params={"force": "true"}).status_code == 404
-        assert client.get(f"{base}/nope").status_code == 404
-        assert client.get(f"{emulator.url}/v1/apps/other/machines").status_code == 404
-    machine = emulator.machine(mid)
-    assert machine.exit_code is not None
-    assert machine.exit_code < 0
-    assert machine.argv is not None
-    assert machine.argv[0] == sys.executable
-    assert "FLY_MACHINE_ID" in machine.env_keys
 
 
 def test_emulator_never_dial_in_and_close_kills_everything() -> None:

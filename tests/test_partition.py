@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 import flame
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from helpers import pid_alive, wait_until
 from helpers import wire_work as work
 from helpers.netns import CUTS, Netns, NetnsBackend, TcpSocket, my_sockets, root_tcp, unavailable

@@ -14,6 +14,7 @@ PUBLIC = {
     "CallTimeout",
     "Child",
     "ChildEnded",
+    "DockerBackend",
     "FlameError",
     "FlyBackend",
     "KubernetesBackend",

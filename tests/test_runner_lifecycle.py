@@ -2,7 +2,7 @@
 
 Each way a runner ends is checked through what a user sees (``BootError`` messages, pool
 stats, calls that complete or fail) and through the runner's exit code, which names the
-reason (``flame._child._exits.ExitCode``). Exit codes are read from the process handles a
+reason (``flame._exits.ExitCode``). Exit codes are read from the process handles a
 ``RecordingProcessBackend`` keeps, or from runners started by hand with a ``FLAME_PARENT``
 built with ``LaunchInfo(...).encode()``.
 
@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 import flame
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
 from helpers import pid_alive, wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller

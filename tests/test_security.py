@@ -43,10 +43,10 @@ import pytest
 
 import flame
 from flame import _serialize, _wire
-from flame._child._exits import ExitCode
+from flame._exits import ExitCode
+from flame._listener import Listener
 from flame._parent import LaunchInfo
-from flame._runner import Listener
-from flame._settings import RunnerConfig
+from flame._wire import RunnerConfig
 from helpers import wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller
@@ -66,7 +66,15 @@ from helpers.wire_tools import (
     with_secret,
 )
 
-CONFIG = RunnerConfig.current(idle_after=None, shutdown_timeout=1.0, single_use=False)
+CONFIG = RunnerConfig(
+    heartbeat_interval=1.0,
+    heartbeat_timeout=8.0,
+    idle_after=None,
+    shutdown_timeout=1.0,
+    single_use=False,
+    cancel_grace=3.0,
+    max_frame=1 << 30,
+)
 
 PROMPT = 1.0  # "at once": well below the 5 s handshake timeout
 
@@ -87,11 +95,11 @@ def expected(listener: Listener) -> Iterator[tuple[str, bytes, Any]]:
     """A runner id the listener is expecting, its secret, and the future it resolves."""
     rid = f"sec-{os.urandom(4).hex()}"
     secret = os.urandom(32)
-    fut = listener.expect(rid, secret, CONFIG, _serialize.dumps({"idle_check": None})[0])
+    fut = listener.expect(rid, secret, CONFIG, None, _serialize.dumps({"idle_check": None})[0])
     yield rid, secret, fut
     listener.forget(rid)
     if fut.done() and not fut.cancelled() and fut.exception() is None:
-        conn, _ = fut.result()
+        conn = fut.result().conn
         listener.loop.call_soon_threadsafe(conn.close, "test done")
 
 
@@ -138,14 +146,14 @@ def _frames(data: bytes) -> list[int]:
 def _round_trip(listener: Listener) -> None:
     """A legitimate handshake end to end: everything queued on the loop before it has run."""
     rid, secret = f"sec-flush-{os.urandom(3).hex()}", os.urandom(32)
-    fut = listener.expect(rid, secret, CONFIG, _serialize.dumps(None)[0])
+    fut = listener.expect(rid, secret, CONFIG, None, _serialize.dumps(None)[0])
     client = RawClient(listener.port, rid, secret)
     try:
         client.proof(client.hello())
         got = recv_frame(client.sock)
         assert got is not None and got[0] == _wire.WELCOME
         wait_until(fut.done, 5)
-        conn, _ = fut.result()
+        conn = fut.result().conn
         listener.loop.call_soon_threadsafe(conn.close, "test done")
     finally:
         client.close()
@@ -259,7 +267,7 @@ def test_a_replayed_handshake_fails(listener: Listener, expected: tuple[str, byt
     wait_until(fut.done, 5)
     # the id is expected again (say the runner reconnects): replaying what was recorded on
     # the wire must not get in, since the parent picks a fresh nonce every time
-    again = listener.expect(rid, secret, CONFIG, b"")
+    again = listener.expect(rid, secret, CONFIG, None, b"")
     eve = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
     with eve:
         eve.sendall(hello_bytes)

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,10 @@ from flame import _serialize
 from helpers import wire_work as work
 
 MB = 1 << 20
-_UNPICKLABLE_GLOBAL = threading.Lock()
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[flame.Pool]:
-    with flame.Pool("serialize", max=1, max_concurrency=4, backend="process") as p:
-        yield p
+ONLY_ON = ("process",)
+POOL_OPTIONS = {"max": 1, "max_concurrency": 4}
 
 
 # -- the main script -------------------------------------------------------------------------------
@@ -253,16 +250,19 @@ def test_10_mb_of_nested_arrays_round_trip_asynchronously(pool: flame.Pool) -> N
 
 # -- errors that name the culprit ------------------------------------------------------------------
 @pytest.fixture
-def idle_pool() -> Iterator[flame.Pool]:
+def idle_pool(make_pool: Callable[..., flame.Pool]) -> Iterator[flame.Pool]:
     """A started process pool that has booted nothing yet."""
-    with flame.Pool("serialize-idle", max=1, backend="process") as p:
-        yield p
-        s = p.stats()
-        assert (s.runners, s.booting) == (0, 0), "a runner was used for a call that cannot pickle"
+    p = make_pool(flame.ProcessBackend()).start()
+    yield p
+    s = p.stats()
+    assert (s.runners, s.booting) == (0, 0), "a runner was used for a call that cannot pickle"
 
 
 def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]:
     lock = threading.Lock()
+    # code the runner cannot import (a notebook cell): its globals travel by value
+    cell: dict[str, Any] = {"__name__": "notebook_cell", "_UNPICKLABLE_GLOBAL": lock}
+    exec("check = lambda: _UNPICKLABLE_GLOBAL.acquire(blocking=False)", cell)
     return [
         ("argument", work.identity, (1, lock), ["argument 1", "_thread.lock"]),
         (
@@ -273,7 +273,7 @@ def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]
         ),
         (
             "global",
-            lambda: _UNPICKLABLE_GLOBAL.acquire(blocking=False),
+            cell["check"],
             (),
             ["global '_UNPICKLABLE_GLOBAL'", "_thread.lock"],
         ),

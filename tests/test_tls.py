@@ -23,7 +23,7 @@ import pytest
 
 import flame
 from flame import _tls, _wire
-from flame._runner import Listener
+from flame._listener import Listener
 from helpers import wait_until
 from helpers import wire_work as work
 from helpers.wire_tools import RecordingProcessBackend, TcpProxy, jframe, via

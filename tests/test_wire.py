@@ -36,9 +36,9 @@ from hypothesis import strategies as st
 
 import flame
 from flame import _serialize, _wire
-from flame._child._exits import ExitCode
-from flame._runner import Listener
-from flame._settings import RunnerConfig
+from flame._exits import ExitCode
+from flame._listener import Listener
+from flame._wire import RunnerConfig
 from helpers import pid_alive, wait_until
 from helpers import wire_work as work
 from helpers.pool_helpers import Caller
@@ -56,7 +56,15 @@ from helpers.wire_tools import (
     wait_closed,
 )
 
-CONFIG = RunnerConfig.current(idle_after=None, shutdown_timeout=1.0, single_use=False)
+CONFIG = RunnerConfig(
+    heartbeat_interval=1.0,
+    heartbeat_timeout=8.0,
+    idle_after=None,
+    shutdown_timeout=1.0,
+    single_use=False,
+    cancel_grace=3.0,
+    max_frame=1 << 30,
+)
 
 FUZZ = settings(
     max_examples=60,
@@ -443,7 +451,7 @@ def _valid_hello(body: bytes) -> bool:
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Listener, Any, Path]]:
     lis = Listener.get("127.0.0.1")
-    fut = lis.expect(FUZZ_RUNNER_ID, os.urandom(32), CONFIG, b"")
+    fut = lis.expect(FUZZ_RUNNER_ID, os.urandom(32), CONFIG, None, b"")
     marker = tmp_path_factory.mktemp("fuzz") / "unpickled"
     yield lis, fut, marker
     lis.forget(FUZZ_RUNNER_ID)
@@ -493,14 +501,14 @@ def test_fuzzed_handshakes_leave_the_listener_serving(
     # the listener still serves: a peer with the secret gets in
     secret = os.urandom(32)
     rid = "fuzz-runner-2"
-    ok = lis.expect(rid, secret, CONFIG, _serialize.dumps(None)[0])
+    ok = lis.expect(rid, secret, CONFIG, None, _serialize.dumps(None)[0])
     client = RawClient(lis.port, rid, secret)
     try:
         client.proof(client.hello())
         got = recv_frame(client.sock)
         assert got is not None and got[0] == _wire.WELCOME
         wait_until(ok.done, 5)
-        conn, _q = ok.result()
+        conn = ok.result().conn
     finally:
         client.close()
     wait_until(lambda: conn.closed, 5)

@@ -17,7 +17,7 @@ Public names, grouped:
 * inside a runner: :func:`parent`, :class:`Parent`
 * backends: :class:`Backend`, :class:`RunnerHandle`, :class:`RunnerLaunch`,
   :class:`LocalBackend`, :class:`ProcessBackend`, :class:`FlyBackend`,
-  :class:`KubernetesBackend`
+  :class:`KubernetesBackend`, :class:`DockerBackend`
 * errors: :class:`FlameError` and its subclasses (see ``flame._errors``)
 """
 
@@ -46,6 +46,7 @@ from ._version import __version__
 from .backends import Backend, LocalBackend, ProcessBackend, RunnerHandle, RunnerLaunch
 
 if TYPE_CHECKING:
+    from .backends.docker import DockerBackend
     from .backends.fly import FlyBackend
     from .backends.kubernetes import KubernetesBackend
 
@@ -55,6 +56,7 @@ __all__ = [
     "CallTimeout",
     "Child",
     "ChildEnded",
+    "DockerBackend",
     "FlameError",
     "FlyBackend",
     "KubernetesBackend",
@@ -92,4 +94,8 @@ def __getattr__(name: str) -> Any:
         from .backends.kubernetes import KubernetesBackend
 
         return KubernetesBackend
+    if name == "DockerBackend":
+        from .backends.docker import DockerBackend
+
+        return DockerBackend
     raise AttributeError(f"module 'flame' has no attribute {name!r}")

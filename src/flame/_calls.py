@@ -1,12 +1,17 @@
-"""The call path: ``call``, ``acall``, ``cast``, ``place_child`` and ``map``, and ``Child``.
+"""The call path: one skeleton behind ``call``, ``acall``, ``cast``, ``place_child``,
+``Child.call`` and ``map``; and ``Child``.
 
-A sync call never hops through the background loop: the caller's thread pickles the call,
-checks a runner slot out of the pool, writes the frame itself, and blocks on its ``Pending``
-until the loop thread delivers the reply. Async calls do the same from their own loop and
-await instead. Deadlines: the ``timeout`` of a call bounds the whole of it (waiting for a
-slot, booting, running); left out, waiting is bounded by the pool's ``boot_timeout`` and
-running by its ``timeout``. On expiry, or when the caller is cancelled, the runner is told
-to cancel the work; the slot is given back when the runner confirms (or dies).
+Every call goes through the same steps, written once in :func:`_skeleton`: make sure the
+pool is started, pickle the call (on the caller's side, before any runner is used), plan
+its deadlines, check a runner slot out, register the call on that runner, send it, wait for
+its outcome, give up if the wait ends first, settle the slot, and decode the outcome. The
+skeleton is a generator that yields at each step that waits; the sync driver blocks the
+caller's thread there (a sync call never hops through the background loop: the caller
+writes the frame itself and blocks on its ``Pending``), the async driver awaits. Deadlines:
+the ``timeout`` of a call bounds the whole of it (waiting for a slot, booting, running);
+left out, waiting is bounded by the pool's ``boot_timeout`` and running by its
+``timeout``. On expiry, or when the caller is cancelled, the runner is told to cancel the
+work; the slot is given back when the runner confirms (or dies).
 """
 
 from __future__ import annotations
@@ -20,32 +25,243 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from . import _serialize, _wire
 from ._errors import CallTimeout, ChildEnded, RunnerLost, SerializationError
-from ._runner import DIRECT, LOST, BaseRunner, Pending, decode
-
-if TYPE_CHECKING:
-    from ._pool import Pool
+from ._link import Section
+from ._record import Form, Kind, Pending, Status, cancelled, decode
+from ._runner import Runner
+from ._sentinel import DEFAULT
 
 logger = logging.getLogger("flame")
 _BIG_SEND = 256 * 1024  # larger frames are written from a worker thread, not an event loop
 
 
-from ._sentinel import DEFAULT  # noqa: E402 - "use the pool's default" for timeout
+class CallTarget(Protocol):
+    """A pool, as the call path needs it."""
+
+    name: str
+    timeout: float | None
+    boot_timeout: float
+    shutdown_timeout: float
+    max: int
+    max_concurrency: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def pickles_calls(self) -> bool: ...
+
+    def ensure_started(self) -> None: ...
+
+    async def aensure_started(self) -> None: ...
+
+    def checkout(self, deadline: float | None) -> Runner: ...
+
+    async def acheckout(self, deadline: float | None) -> Runner: ...
 
 
-def _serialize_call(pool: Pool, fn: Any, args: tuple[Any, ...]) -> Any:
+# -- the steps that wait, as the skeleton yields them -----------------------------------------
+@dataclass(slots=True)
+class _Start:
+    pool: CallTarget
+
+
+@dataclass(slots=True)
+class _Checkout:
+    pool: CallTarget
+    deadline: float | None
+
+
+@dataclass(slots=True)
+class _Send:
+    runner: Runner
+    pending: Pending
+    flags: int
+    timeout: float | None
+    fn: Any
+    args: tuple[Any, ...]
+    section: Section
+    child_id: int = 0  # for a call on a placed child
+
+
+@dataclass(slots=True)
+class _Wait:
+    pending: Pending
+    timeout: float | None
+
+
+_Step = _Start | _Checkout | _Send | _Wait
+
+
+class _Unencoded:
+    """Marks a call not pickled yet (``None`` is a call that is never pickled)."""
+
+
+UNENCODED = _Unencoded()
+Skeleton = Generator[_Step, Any, Any]
+
+
+def _skeleton(
+    pool: CallTarget,
+    kind: Kind,
+    fn: Any,
+    args: tuple[Any, ...],
+    timeout: Any,
+    link: bool,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    cast: bool = False,
+    child: Child | None = None,
+    section: Section | _Unencoded = UNENCODED,
+) -> Skeleton:
+    """One call, from start to outcome (see the module's docstring). ``kind`` says which:
+    a call or cast, placing a child (the result is the :class:`Child`), or a call on
+    ``child``. ``loop``: the asyncio caller's loop (``None`` for a thread). ``section``: the
+    call, if it was pickled already."""
+    if child is None:
+        yield _Start(pool)
+        if isinstance(section, _Unencoded):
+            section = encode_call(pool, fn, args)
+        wait_deadline, overall, default_run = _plan(pool, timeout)
+        runner: Runner = yield _Checkout(pool, wait_deadline)
+        limit = _run_timeout(overall, default_run)
+    else:
+        fn, section = child._prepare(fn, args)
+        runner = child._runner
+        limit = pool.timeout if timeout is DEFAULT else timeout
+    pending = Pending(runner, runner.next_id(), kind, loop, linked=link)
+    runner.register(pending)
+    flags = _wire.FLAG_LINK if link else 0
+    placed: Child | None = None
+    if kind is Kind.PLACE:
+        placed = Child(pool, runner, pending.call_id, link)
+        runner.children[pending.call_id] = placed
+        flags |= _wire.FLAG_CHILD
+    elif cast:
+        flags |= _wire.FLAG_CAST
+    run_limit = None if kind is Kind.PLACE else limit  # a child lives on after it is built
+    child_id = child._id if child is not None else 0
+    try:
+        yield _Send(runner, pending, flags, run_limit, fn, args, section, child_id)
+    except BaseException:
+        runner.abort(pending.call_id)
+        raise
+    try:
+        ok = yield _Wait(pending, limit)
+    except BaseException:
+        if _give_up(pending):
+            pending.settle()
+        raise
+    if not ok and not _give_up(pending):
+        raise _timed_out(fn, runner, limit)
+    pending.settle()
+    if placed is not None:
+        pending.value()  # raises what the factory raised
+        return placed
+    if cast and pending.form is not Form.LOST and pending.status is Status.OK:
+        return None  # nobody reads a cast's value: do not unpickle it
+    return pending.value()
+
+
+def _give_up(pending: Pending) -> bool:
+    """The caller stops waiting (timeout, cancellation). Returns True if the outcome came
+    in meanwhile: the caller owns it, and settles it. Otherwise the runner is told to cancel
+    the work (its slot comes back when the runner confirms); a child being placed is
+    stopped, and so is one built meanwhile (the caller then still raises)."""
+    runner = pending.runner
+    assert isinstance(runner, Runner)
+    if pending.kind is not Kind.PLACE:
+        if pending.abandon():
+            return True
+        runner.cancel(pending.call_id)
+        return False
+    if pending.abandon():
+        pending.settle()
+        if pending.form is not Form.LOST and pending.status is Status.OK:
+            runner.stop_child(pending.call_id)
+        return False
+    runner.stop_child(pending.call_id)
+    return False
+
+
+# -- the drivers ------------------------------------------------------------------------------
+def run_sync(skeleton: Skeleton) -> Any:
+    """Drive a skeleton in the caller's thread, blocking at each step that waits."""
+    step: _Step = next(skeleton)
+    try:
+        while True:
+            try:
+                if isinstance(step, _Start):
+                    step.pool.ensure_started()
+                    answer: Any = None
+                elif isinstance(step, _Checkout):
+                    answer = step.pool.checkout(step.deadline)
+                elif isinstance(step, _Send):
+                    _send(step)
+                    answer = None
+                else:
+                    answer = step.pending.wait(step.timeout)
+            except BaseException as exc:
+                step = skeleton.throw(exc)
+            else:
+                step = skeleton.send(answer)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_async(skeleton: Skeleton) -> Any:
+    """Drive a skeleton from an asyncio task, awaiting at each step that waits."""
+    step: _Step = next(skeleton)
+    try:
+        while True:
+            try:
+                if isinstance(step, _Start):
+                    await step.pool.aensure_started()
+                    answer: Any = None
+                elif isinstance(step, _Checkout):
+                    answer = await step.pool.acheckout(step.deadline)
+                elif isinstance(step, _Send):
+                    if _section_size(step.section) > _BIG_SEND:
+                        await asyncio.to_thread(_send, step)
+                    else:
+                        _send(step)
+                    answer = None
+                else:
+                    answer = await step.pending.wait_async(step.timeout)
+            except BaseException as exc:
+                step = skeleton.throw(exc)
+            else:
+                step = skeleton.send(answer)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _send(step: _Send) -> None:
+    runner, pending = step.runner, step.pending
+    if pending.kind is Kind.CHILD_CALL:
+        runner.send_child_call(
+            pending.call_id, step.child_id, step.timeout, step.fn, step.args, step.section
+        )
+    else:
+        runner.send_call(
+            pending.call_id, step.flags, step.timeout, step.fn, step.args, step.section
+        )
+
+
+# -- the steps that do not wait ----------------------------------------------------------------
+def encode_call(pool: CallTarget, fn: Any, args: tuple[Any, ...]) -> Section:
+    """The call, pickled if the pool's runners need it (raises ``SerializationError``)."""
     if not callable(fn):
         raise TypeError(f"expected a callable to run on the pool, got {type(fn).__name__}")
-    if pool.backend.in_process and not getattr(pool.backend, "serialize", False):
-        return None
-    return _serialize.dumps_call(fn, args)
+    return _serialize.dumps_call(fn, args) if pool.pickles_calls else None
 
 
-def _plan(pool: Pool, timeout: Any) -> tuple[float | None, float | None, float | None]:
+def _plan(pool: CallTarget, timeout: Any) -> tuple[float | None, float | None, float | None]:
     """(deadline for getting a slot, overall deadline, run timeout if no overall deadline)."""
     now = time.monotonic()
     if timeout is DEFAULT:
@@ -67,140 +283,60 @@ def _name(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
 
 
-def _timed_out(fn: Any, runner: BaseRunner, limit: float | None) -> CallTimeout:
+def _timed_out(fn: Any, runner: Runner, limit: float | None) -> CallTimeout:
     return CallTimeout(
         f"{_name(fn)} did not finish on {runner.describe()} within {limit or 0:g}s; "
         "the remote work was cancelled"
     )
 
 
-def _send(
-    runner: BaseRunner,
-    call_id: int,
-    flags: int,
-    timeout: float | None,
-    fn: Any,
-    args: tuple[Any, ...],
-    section: Any,
-) -> None:
-    try:
-        runner.send_call(call_id, flags, timeout, fn, args, section)
-    except BaseException:
-        runner.pending.pop(call_id, None)
-        runner.children.pop(call_id, None)
-        if not runner.gone:
-            runner.pool._release(runner)
-        raise
-
-
-def _register(
-    runner: BaseRunner,
-    kind: str,
-    loop: asyncio.AbstractEventLoop | None = None,
-    call_id: int | None = None,
-) -> tuple[int, Pending]:
-    """A new call in flight on ``runner``, whose outcome this caller will wait for."""
-    if call_id is None:
-        call_id = runner.next_id()
-    pending = Pending(runner, loop, kind)
-    pending.call_id = call_id
-    runner.pending[call_id] = pending
-    return call_id, pending
-
-
-def _give_up(pending: Pending) -> bool:
-    """The caller stops waiting (timeout, cancellation). If the outcome came in meanwhile,
-    settle it and return True; otherwise tell the runner to cancel the work."""
-    if pending.abandon():
-        pending.settle()
-        return True
-    pending.runner.cancel(pending.call_id)
-    return False
-
-
-def _give_up_placing(pending: Pending) -> bool:
-    """Like :func:`_give_up`, for a child being placed: a child built meanwhile is stopped."""
-    if pending.abandon():
-        pending.settle()
-        if pending.status == _wire.STATUS_OK:
-            pending.runner.stop_child(pending.call_id)
-        return False
-    pending.runner.stop_child(pending.call_id)
-    return False
-
-
-def _section_size(section: Any) -> int:
+def _section_size(section: Section) -> int:
     if section is None:
         return 0
     data, bufs = section
     return int(len(data) + sum(b.nbytes for b in bufs))
 
 
-def call(pool: Pool, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Any:
-    pool._ensure_started()
-    section = _serialize_call(pool, fn, args)
-    wait_deadline, overall, default_run = _plan(pool, timeout)
-    runner = pool.checkout(wait_deadline)
-    limit = _run_timeout(overall, default_run)
-    call_id, pending = _register(runner, "call")
-    _send(runner, call_id, _wire.FLAG_LINK if link else 0, limit, fn, args, section)
-    try:
-        ok = pending.wait(limit)
-    except BaseException:
-        _give_up(pending)
-        raise
-    if not ok and not _give_up(pending):
-        raise _timed_out(fn, runner, limit)
-    pending.settle()
-    return decode(pending)
+# -- the front doors ---------------------------------------------------------------------------
+def call(pool: CallTarget, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Any:
+    return run_sync(_skeleton(pool, Kind.CALL, fn, args, timeout, link))
 
 
-async def acall(pool: Pool, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Any:
-    await pool._aensure_started()
-    section = _serialize_call(pool, fn, args)
-    wait_deadline, overall, default_run = _plan(pool, timeout)
-    runner = await pool.acheckout(wait_deadline)
-    limit = _run_timeout(overall, default_run)
-    call_id, pending = _register(runner, "call", asyncio.get_running_loop())
-    flags = _wire.FLAG_LINK if link else 0
-    try:
-        if _section_size(section) > _BIG_SEND:
-            await asyncio.to_thread(_send, runner, call_id, flags, limit, fn, args, section)
-        else:
-            _send(runner, call_id, flags, limit, fn, args, section)
-        ok = await pending.wait_async(limit)
-    except asyncio.CancelledError:
-        _give_up(pending)
-        raise
-    if not ok and not _give_up(pending):
-        raise _timed_out(fn, runner, limit)
-    pending.settle()
-    return decode(pending)
+async def acall(pool: CallTarget, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Any:
+    loop = asyncio.get_running_loop()
+    return await run_async(_skeleton(pool, Kind.CALL, fn, args, timeout, link, loop=loop))
+
+
+def place_child(
+    pool: CallTarget, factory: Any, args: tuple[Any, ...], timeout: Any, link: bool
+) -> Child:
+    child: Child = run_sync(_skeleton(pool, Kind.PLACE, factory, args, timeout, link))
+    return child
+
+
+async def aplace_child(
+    pool: CallTarget, factory: Any, args: tuple[Any, ...], timeout: Any, link: bool
+) -> Child:
+    loop = asyncio.get_running_loop()
+    skeleton = _skeleton(pool, Kind.PLACE, factory, args, timeout, link, loop=loop)
+    child: Child = await run_async(skeleton)
+    return child
 
 
 _casts: set[asyncio.Task[None]] = set()
 
 
-def cast(pool: Pool, fn: Any, args: tuple[Any, ...], link: bool) -> None:
-    pool._ensure_started()
-    section = _serialize_call(pool, fn, args)
-    loop = pool._loop
+def cast(pool: CallTarget, fn: Any, args: tuple[Any, ...], link: bool) -> None:
+    pool.ensure_started()
+    section = encode_call(pool, fn, args)  # a SerializationError is raised here, at once
+    loop = pool.loop
 
     async def run() -> None:
+        skeleton = _skeleton(
+            pool, Kind.CALL, fn, args, DEFAULT, link, loop=loop, cast=True, section=section
+        )
         try:
-            runner = await pool.acheckout(time.monotonic() + pool.boot_timeout)
-            call_id, pending = _register(runner, "call", loop)
-            flags = _wire.FLAG_CAST | (_wire.FLAG_LINK if link else 0)
-            if _section_size(section) > _BIG_SEND:
-                await asyncio.to_thread(
-                    _send, runner, call_id, flags, pool.timeout, fn, args, section
-                )
-            else:
-                _send(runner, call_id, flags, pool.timeout, fn, args, section)
-            if not await pending.wait_async(pool.timeout) and not _give_up(pending):
-                raise _timed_out(fn, runner, pool.timeout)
-            pending.settle()
-            await asyncio.to_thread(decode, pending)
+            await run_async(skeleton)
         except Exception as exc:
             logger.error(
                 "flame.cast of %s on pool %r failed: %s", _name(fn), pool.name, exc, exc_info=exc
@@ -222,14 +358,13 @@ class Child:
     raises, :meth:`stop` is called, or the runner goes away. It is never restarted.
     """
 
-    def __init__(self, pool: Pool, runner: BaseRunner, child_id: int, link: bool) -> None:
+    def __init__(self, pool: CallTarget, runner: Runner, child_id: int, link: bool) -> None:
         self._pool = pool
         self._runner = runner
         self._id = child_id
         self.link = link
         self._ended_event = threading.Event()
-        self._status: int | None = None
-        self._payload: Any = None
+        self._outcome: tuple[Form, Status, Any] | None = None
         self._stop_requested = False
 
     def __repr__(self) -> str:
@@ -241,20 +376,19 @@ class Child:
         """True until the child has ended."""
         return not self._ended_event.is_set()
 
-    def _ended(self, status: int, payload: Any) -> None:
+    def _ended(self, form: Form, status: Status, payload: Any) -> None:
         if self._ended_event.is_set():
             return
-        self._status, self._payload = status, payload
+        self._outcome = (form, status, payload)
         self._ended_event.set()
 
-    def _prepare(self, method: Any, args: tuple[Any, ...]) -> tuple[str, Any]:
+    def _prepare(self, method: Any, args: tuple[Any, ...]) -> tuple[str, Section]:
         if not self.alive:
             raise ChildEnded(f"{self!r} has ended; it is never restarted")
         name = method if isinstance(method, str) else getattr(method, "__name__", None)
         if not isinstance(name, str):
             raise TypeError(f"method must be a method name or a method, got {method!r}")
-        pool = self._pool
-        if pool.backend.in_process and not getattr(pool.backend, "serialize", False):
+        if not self._pool.pickles_calls:
             return name, None
         try:
             return name, _serialize.dumps((name, _serialize.mark_args(args)))
@@ -265,39 +399,18 @@ class Child:
 
     def call(self, method: Any, /, *args: Any, timeout: Any = DEFAULT) -> Any:
         """Call ``method`` (a name) of the remote object with ``args``; return its result."""
-        name, section = self._prepare(method, args)
-        limit = self._pool.timeout if timeout is DEFAULT else timeout
-        runner = self._runner
-        call_id, pending = _register(runner, "child_call")
-        try:
-            runner.send_child_call(call_id, self._id, limit, name, args, section)
-        except BaseException:
-            runner.pending.pop(call_id, None)
-            raise
-        try:
-            ok = pending.wait(limit)
-        except BaseException:
-            _give_up(pending)
-            raise
-        if not ok and not _give_up(pending):
-            raise _timed_out(name, runner, limit)
-        return decode(pending)
+        skeleton = _skeleton(
+            self._pool, Kind.CHILD_CALL, method, args, timeout, self.link, child=self
+        )
+        return run_sync(skeleton)
 
     async def acall(self, method: Any, /, *args: Any, timeout: Any = DEFAULT) -> Any:
         """The async form of :meth:`call`."""
-        name, section = self._prepare(method, args)
-        limit = self._pool.timeout if timeout is DEFAULT else timeout
-        runner = self._runner
-        call_id, pending = _register(runner, "child_call", asyncio.get_running_loop())
-        try:
-            runner.send_child_call(call_id, self._id, limit, name, args, section)
-            ok = await pending.wait_async(limit)
-        except asyncio.CancelledError:
-            _give_up(pending)
-            raise
-        if not ok and not _give_up(pending):
-            raise _timed_out(name, runner, limit)
-        return decode(pending)
+        loop = asyncio.get_running_loop()
+        skeleton = _skeleton(
+            self._pool, Kind.CHILD_CALL, method, args, timeout, self.link, loop=loop, child=self
+        )
+        return await run_async(skeleton)
 
     def wait(self, timeout: float | None = None) -> Any:
         """Wait for the child to end; return what its ``run()`` returned, or raise what it
@@ -307,20 +420,15 @@ class Child:
         return self._result()
 
     def _result(self) -> Any:
-        status, payload = self._status, self._payload
-        assert status is not None
-        if status == LOST:
+        assert self._outcome is not None
+        form, status, payload = self._outcome
+        if form is Form.LOST:
             raise RunnerLost(payload)
-        stopped = status == _wire.STATUS_CANCELLED or (
-            status == DIRECT and payload[0] == _wire.STATUS_CANCELLED
-        )
-        if stopped:
+        if cancelled(form, status, payload):
             if self._stop_requested:
                 return None
             raise ChildEnded(f"{self!r} was cancelled")
-        p = Pending(self._runner, kind="child_call")
-        p.resolve(status, payload)
-        return decode(p)
+        return decode(form, status, payload)
 
     def stop(self) -> None:
         """End the child (calling its ``close()`` if it has one) and wait for it to end."""
@@ -351,73 +459,23 @@ class Child:
         await self.astop()
 
 
-def _placing(pool: Pool, runner: BaseRunner, link: bool) -> tuple[int, Child, int]:
-    call_id = runner.next_id()
-    child = Child(pool, runner, call_id, link)
-    runner.children[call_id] = child
-    flags = _wire.FLAG_CHILD | (_wire.FLAG_LINK if link else 0)
-    return call_id, child, flags
-
-
-def place_child(pool: Pool, factory: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Child:
-    pool._ensure_started()
-    section = _serialize_call(pool, factory, args)
-    wait_deadline, overall, default_run = _plan(pool, timeout)
-    runner = pool.checkout(wait_deadline)
-    limit = _run_timeout(overall, default_run)
-    call_id, child, flags = _placing(pool, runner, link)
-    pending = _register(runner, "place", call_id=call_id)[1]
-    _send(runner, call_id, flags, None, factory, args, section)
-    try:
-        ok = pending.wait(limit)
-    except BaseException:
-        _give_up_placing(pending)
-        raise
-    if not ok and not _give_up_placing(pending):
-        raise _timed_out(factory, runner, limit)
-    pending.settle()
-    decode(pending)
-    return child
-
-
-async def aplace_child(
-    pool: Pool, factory: Any, args: tuple[Any, ...], timeout: Any, link: bool
-) -> Child:
-    await pool._aensure_started()
-    section = _serialize_call(pool, factory, args)
-    wait_deadline, overall, default_run = _plan(pool, timeout)
-    runner = await pool.acheckout(wait_deadline)
-    limit = _run_timeout(overall, default_run)
-    call_id, child, flags = _placing(pool, runner, link)
-    pending = _register(runner, "place", asyncio.get_running_loop(), call_id=call_id)[1]
-    try:
-        _send(runner, call_id, flags, None, factory, args, section)
-        ok = await pending.wait_async(limit)
-    except asyncio.CancelledError:
-        _give_up_placing(pending)
-        raise
-    if not ok and not _give_up_placing(pending):
-        raise _timed_out(factory, runner, limit)
-    pending.settle()
-    decode(pending)
-    return child
-
-
 # -- map -------------------------------------------------------------------------------------------
-def _window(pool: Pool) -> int:
+def _window(pool: CallTarget) -> int:
     return max(1, min(pool.max * pool.max_concurrency, 256))
 
 
-def map_(pool: Pool, fn: Any, iterable: Iterable[Any], timeout: float | None) -> Iterator[Any]:
+def map_(
+    pool: CallTarget, fn: Any, iterable: Iterable[Any], timeout: float | None
+) -> Iterator[Any]:
     """``pool.map``: the items' calls run as tasks on the background loop (no thread per
     item in flight), at most ``_window(pool)`` of them at once; results come back in order.
 
     The caller's thread reads the iterable and hands items to the loop in batches (one
     wake-up of the loop per batch, not per item): the whole window at first, then half a
     window whenever that much room has come free."""
-    pool._ensure_started()
+    pool.ensure_started()
     deadline = None if timeout is None else time.monotonic() + timeout
-    loop = pool._loop
+    loop = pool.loop
     tasks: dict[int, asyncio.Task[Any]] = {}  # filled and emptied on the loop
 
     def start(batch: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
@@ -477,9 +535,9 @@ def _settle_map_item(
 
 
 async def amap(
-    pool: Pool, fn: Any, iterable: Iterable[Any], timeout: float | None
+    pool: CallTarget, fn: Any, iterable: Iterable[Any], timeout: float | None
 ) -> AsyncIterator[Any]:
-    await pool._aensure_started()
+    await pool.aensure_started()
     deadline = None if timeout is None else time.monotonic() + timeout
     window = _window(pool)
     tasks: deque[asyncio.Task[Any]] = deque()

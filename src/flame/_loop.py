@@ -8,6 +8,9 @@ does not go through here at all: callers write their frame themselves and the lo
 delivers the reply.
 
 After ``os.fork()`` the child gets a fresh loop on first use (the parent's thread is gone).
+The loop's default executor (``asyncio.to_thread``) keeps working while the interpreter
+shuts down: once ``concurrent.futures`` refuses new work, each task gets a daemon thread of
+its own, so what flame does at exit never fails for want of a thread.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+from . import _lifecycle
 
 T = TypeVar("T")
 
@@ -36,6 +41,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None or _pid != os.getpid():
             new = asyncio.new_event_loop()
+            new.set_default_executor(_Executor(thread_name_prefix="flame-helper"))
             ready = threading.Event()
 
             def main() -> None:
@@ -48,6 +54,37 @@ def get_loop() -> asyncio.AbstractEventLoop:
             ready.wait()
             _loop, _thread, _pid = new, t, os.getpid()
         return _loop
+
+
+class _Executor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool that, during interpreter shutdown, runs each task in a daemon thread."""
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        try:
+            return super().submit(fn, *args, **kwargs)
+        except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+            def run() -> None:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+
+            threading.Thread(target=run, name="flame-helper-late", daemon=True).start()
+            return future
+
+
+def _after_fork() -> None:
+    global _lock, _loop, _thread
+    _lifecycle.bury(_loop, _thread)  # the parent's loop: its thread is not in this process
+    _lock, _loop, _thread = threading.Lock(), None, None
+
+
+_lifecycle.on_fork(_after_fork)
 
 
 def in_loop_thread() -> bool:

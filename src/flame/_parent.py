@@ -43,11 +43,49 @@ class Parent:
 
 
 _current: Parent | None = None
+#: inside a runner: the app it was booted with (its own pools boot runners of the same app)
+_runner_app: dict[str, str] | None = None
+#: inside a runner, while it imports the app: a pool must not be called then
+_importing = False
 
 
-def _set_current(parent: Parent | None) -> None:
-    global _current
-    _current = parent
+def _set_current(parent: Parent | None, app: dict[str, str] | None = None) -> None:
+    global _current, _runner_app
+    _current, _runner_app = parent, app
+
+
+def runner_app() -> dict[str, str] | None:
+    """Inside a runner: the app it imported (``None`` elsewhere)."""
+    return _runner_app
+
+
+class _Importing:
+    """Marks the runner's import of the app (see :func:`check_not_importing`)."""
+
+    def __enter__(self) -> None:
+        global _importing
+        _importing = True
+
+    def __exit__(self, *exc: object) -> None:
+        global _importing
+        _importing = False
+
+
+importing_app = _Importing()
+
+
+class CalledWhileImporting(Exception):
+    """A pool was called while a runner imported the app: a script without a main guard."""
+
+
+def check_not_importing(pool: str) -> None:
+    """Refuse a call on ``pool`` made while this runner imports the app: the script calls
+    the pool at import time, so each runner that imports it would call the pool again."""
+    if _importing:
+        raise CalledWhileImporting(
+            f"the app calls pool {pool!r} while a runner imports it; put the calls under "
+            '`if __name__ == "__main__":`'
+        )
 
 
 def parent() -> Parent | None:
@@ -69,6 +107,8 @@ class LaunchInfo:
     cwd: str | None = None
     failsafe: float = 20.0
     tls_fingerprint: str | None = None
+    #: send fd 1/2 to the parent through the connection (``Pool(forward_output=...)``)
+    forward_output: bool = True
 
     def __repr__(self) -> str:
         return f"LaunchInfo(runner_id={self.runner_id!r}, pool={self.pool!r}, secret=<hidden>)"
@@ -86,6 +126,7 @@ class LaunchInfo:
             "cwd": self.cwd,
             "failsafe": self.failsafe,
             "tls": self.tls_fingerprint,
+            "out": self.forward_output,
         }
         raw = json.dumps(doc, separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).decode("ascii")
@@ -120,6 +161,7 @@ class LaunchInfo:
                 cwd=doc.get("cwd"),
                 failsafe=float(doc.get("failsafe", 20.0)),
                 tls_fingerprint=doc.get("tls"),
+                forward_output=bool(doc.get("out", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(

@@ -14,32 +14,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from . import _loop, _scaling, _tls
+from . import _calls, _lifecycle, _loop, _parent, _scaling, _tls
+from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
-from ._runner import BaseRunner, make_runner
+from ._runner import Runner, RunnerSpec
 from ._sentinel import DEFAULT as _DEFAULT
-from ._settings import RunnerConfig, resolve_backend
+from ._settings import resolve_backend, settings
+from ._wire import RunnerConfig
 from .backends._base import Backend
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ._calls import Child
+T = TypeVar("T")
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("flame")
 
-_registry: dict[str, Pool] = {}
+#: every pool that is not stopped, by name (weakly: a pool nobody holds and nobody started
+#: frees its name); started pools are also held in _running
+_registry: weakref.WeakValueDictionary[str, Pool] = weakref.WeakValueDictionary()
+_running: set[Pool] = set()
 _registry_lock = threading.Lock()
 _KILL_GRACE = 5.0
+#: at interpreter exit, how long flame waits for the backends to release the runners
+_EXIT_BUDGET = 1.5
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class _Waiter:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.done = False
-        self.runner: BaseRunner | None = None
+        self.runner: Runner | None = None
         self.error: BaseException | None = None
         self._loop = loop
         self._fut: asyncio.Future[None] | None = None
@@ -83,7 +94,7 @@ class _Waiter:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(_set_none, fut)
 
-    def assign(self, runner: BaseRunner) -> None:
+    def assign(self, runner: Runner) -> None:
         self.runner = runner
         self._set()
 
@@ -138,6 +149,12 @@ class Pool:
             certificate (its fingerprint travels in ``FLAME_PARENT``). Needs
             ``pip install 'flame-py[tls]'``. Off by default: the connection is always
             authenticated (HMAC handshake), and with ``tls`` also confidential.
+        forward_output: every line a runner writes to its stdout or stderr (print,
+            logging, warnings, tracebacks, also from C code and subprocesses) reaches this
+            process's own stdout or stderr as it is written, prefixed ``[<runner id>] ``,
+            through the runner's connection, on every backend (default). ``False``: the
+            runner's output goes where the backend puts it (the inherited terminal, the
+            platform's logs), line by line.
 
     Use ``with Pool(...) as pool:`` / ``async with``, or :meth:`start` and :meth:`stop`.
     A pool that is used before being started starts itself.
@@ -163,6 +180,7 @@ class Pool:
         log: bool | int | str = False,
         boot_ahead: int = 0,
         tls: bool = False,
+        forward_output: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -221,22 +239,17 @@ class Pool:
         self.boot_ahead = boot_ahead
         if not isinstance(tls, bool):
             raise ValueError(f"tls must be True or False, got {tls!r}")
+        if not isinstance(forward_output, bool):
+            raise ValueError(f"forward_output must be True or False, got {forward_output!r}")
+        self.forward_output = forward_output
         if tls:
             _tls.require()
         self.tls = tls
         self.backend: Backend = resolve_backend(backend)
         self._idle_check = check
         self._lock = threading.Lock()
-        self._core = _scaling.Scaler(
-            min=self.min,
-            max=max,
-            max_concurrency=max_concurrency,
-            single_use=self.single_use,
-            idle_shutdown_after=self._idle_after,
-            min_idle_shutdown_after=self.min_idle_shutdown_after,
-            boot_ahead=boot_ahead,
-        )
-        self._runners: dict[int, BaseRunner] = {}
+        self._core = self._new_core()
+        self._runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._boot_tasks: dict[int, asyncio.Task[None]] = {}
         self._next_waiter = 0
@@ -246,7 +259,18 @@ class Pool:
         self._stopped: asyncio.Event | None = None
         self._gone_event: asyncio.Event | None = None
         self._start_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop = _loop.get_loop()
+        _register(self)
+
+    def _new_core(self) -> _scaling.Scaler:
+        return _scaling.Scaler(
+            min=self.min,
+            max=self.max,
+            max_concurrency=self.max_concurrency,
+            single_use=self.single_use,
+            idle_shutdown_after=self._idle_after,
+            min_idle_shutdown_after=self.min_idle_shutdown_after,
+            boot_ahead=self.boot_ahead,
+        )
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> PoolStats:
@@ -291,13 +315,7 @@ class Pool:
         if self._state != "new":
             raise PoolClosed(f"pool {self.name!r} was stopped; create a new Pool to start again")
         with _registry_lock:
-            other = _registry.get(self.name)
-            if other is not None and other is not self:
-                raise ValueError(
-                    f"a pool named {self.name!r} is already started; stop it first or pick "
-                    "another name"
-                )
-            _registry[self.name] = self
+            _running.add(self)
         self._stopped = asyncio.Event()
         self._gone_event = asyncio.Event()
         with self._lock:
@@ -319,9 +337,10 @@ class Pool:
                 ) from error
         self._log(f"pool {self.name!r} started ({self.backend.name} backend)")
 
-    def _ensure_started(self) -> None:
+    def ensure_started(self) -> None:
         if self._state == "started":
             return
+        _parent.check_not_importing(self.name)
         if self._state == "new":
             with self._start_lock:
                 if self._state == "new":
@@ -329,9 +348,10 @@ class Pool:
                     return
         self._check_taking_calls()
 
-    async def _aensure_started(self) -> None:
+    async def aensure_started(self) -> None:
         if self._state == "started":
             return
+        _parent.check_not_importing(self.name)
         if self._state == "new":
             await self.astart()
             return
@@ -339,9 +359,10 @@ class Pool:
 
     def stop(self) -> None:
         """Stop taking calls, let in-flight work finish within ``shutdown_timeout``, and
-        shut every runner down. Safe to call more than once."""
+        shut every runner down; the pool's name is free again. Safe to call more than once."""
         if self._state == "new":
             self._state = "stopped"
+            _unregister(self)
             return
         _loop.run(self._stop())
 
@@ -349,6 +370,7 @@ class Pool:
         """The async form of :meth:`stop`."""
         if self._state == "new":
             self._state = "stopped"
+            _unregister(self)
             return
         await _loop.arun(self._stop())
 
@@ -357,9 +379,7 @@ class Pool:
         if self._state in ("stopping", "stopped"):
             await self._stopped.wait()
             return
-        with _registry_lock:
-            if _registry.get(self.name) is self:
-                del _registry[self.name]
+        _unregister(self)
         with self._lock:
             self._state = "stopping"
             self._apply(self._core.stop(time.monotonic()))
@@ -381,10 +401,51 @@ class Pool:
         try:
             await self.backend.aclose()
         except Exception as exc:
-            self._log_error(f"backend close failed: {exc!r}")
+            self.log_error(f"backend close failed: {exc!r}")
         self._state = "stopped"
         self._stopped.set()
+        with _registry_lock:
+            _running.discard(self)
         self._log(f"pool {self.name!r} stopped")
+
+    async def _stop_at_exit(self) -> None:
+        """The interpreter is exiting: stop now, without waiting for the runners' work.
+        Each runner loses its parent: its linked work is terminated, its unlinked work
+        finishes there, and then it exits by itself; the others are stopped at once."""
+        if self._state != "started":
+            return
+        _unregister(self)
+        with self._lock:
+            self._state = "stopping"
+            for a in self._core.stop(time.monotonic()):
+                if isinstance(a, _scaling.Fail):  # waiting callers: PoolClosed
+                    self._apply([a])
+        for task in list(self._boot_tasks.values()):
+            task.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
+        await asyncio.gather(*(r.leave() for r in list(self._runners.values())))
+        with contextlib.suppress(Exception):
+            await self.backend.aclose()
+        self._state = "stopped"
+        with _registry_lock:
+            _running.discard(self)
+
+    def _after_fork(self) -> None:
+        """In a child forked from this process: this pool starts afresh on first use, with
+        nothing of the parent's (its runners, their connections, its locks)."""
+        _lifecycle.bury(self._runners, self._waiters, self._boot_tasks, self._lock, self._wake)
+        for runner in self._runners.values():
+            runner.forsake()
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._core = self._new_core()
+        self._runners, self._waiters, self._boot_tasks = {}, {}, {}
+        self._wake, self._wake_at = None, math.inf
+        self._stopped = self._gone_event = None
+        if self._state != "stopped":
+            self._state = "new"
+        self.backend.forked()
 
     def __enter__(self) -> Pool:
         return self.start()
@@ -405,64 +466,77 @@ class Pool:
 
     # -- calls (the same as the module-level functions) -------------------------------------------
     def call(
-        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
-    ) -> Any:
+        self,
+        fn: Callable[[*Ts], R],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
+    ) -> R:
         """Run ``fn(*args)`` on a runner and return its result (see :func:`flame.call`)."""
-        from ._calls import call
-
-        return call(self, fn, args, timeout, link)
+        result: R = _calls.call(self, fn, args, timeout, link)
+        return result
 
     async def acall(
-        self, fn: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
-    ) -> Any:
+        self,
+        fn: Callable[[*Ts], R] | Callable[[*Ts], Awaitable[R]],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
+    ) -> R:
         """The asyncio form of :meth:`call` (see :func:`flame.acall`)."""
-        from ._calls import acall
+        result: R = await _calls.acall(self, fn, args, timeout, link)
+        return result
 
-        return await acall(self, fn, args, timeout, link)
-
-    def cast(self, fn: Callable[..., Any], /, *args: Any, link: bool = True) -> None:
+    def cast(self, fn: Callable[[*Ts], Any], /, *args: *Ts, link: bool = True) -> None:
         """Run ``fn(*args)`` on a runner without waiting (see :func:`flame.cast`)."""
-        from ._calls import cast
-
-        cast(self, fn, args, link)
+        _calls.cast(self, fn, args, link)
 
     def place_child(
-        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+        self,
+        factory: Callable[[*Ts], Any],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
     ) -> Child:
         """Build ``factory(*args)`` on a runner and keep it there (see
         :func:`flame.place_child`)."""
-        from ._calls import place_child
-
-        return place_child(self, factory, args, timeout, link)
+        return _calls.place_child(self, factory, args, timeout, link)
 
     async def aplace_child(
-        self, factory: Callable[..., Any], /, *args: Any, timeout: Any = _DEFAULT, link: bool = True
+        self,
+        factory: Callable[[*Ts], Any],
+        /,
+        *args: *Ts,
+        timeout: float | None = _DEFAULT,
+        link: bool = True,
     ) -> Child:
         """The asyncio form of :meth:`place_child`."""
-        from ._calls import aplace_child
-
-        return await aplace_child(self, factory, args, timeout, link)
+        return await _calls.aplace_child(self, factory, args, timeout, link)
 
     def map(
-        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
-    ) -> Iterator[Any]:
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, timeout: float | None = None
+    ) -> Iterator[R]:
         """Yield ``fn(item)`` for each item, in order, spread over the pool's runners.
 
         At most ``max * max_concurrency`` items (256 at most) are in flight at once. An
         item's exception is raised when that item is reached. ``timeout`` bounds the whole
         map, from this call on.
         """
-        from ._calls import map_
-
-        return map_(self, fn, iterable, timeout)
+        return _calls.map_(self, fn, iterable, timeout)
 
     def amap(
-        self, fn: Callable[..., Any], iterable: Iterable[Any], *, timeout: float | None = None
-    ) -> AsyncIterator[Any]:
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, timeout: float | None = None
+    ) -> AsyncIterator[R]:
         """The asyncio form of :meth:`map`: an async iterator of results, in order."""
-        from ._calls import amap
+        return _calls.amap(self, fn, iterable, timeout)
 
-        return amap(self, fn, iterable, timeout)
+    @property
+    def pickles_calls(self) -> bool:
+        """Whether calls to this pool are pickled (its backend's runners need it)."""
+        return self.backend.pickles_calls
 
     # -- checkout ---------------------------------------------------------------------------------
     def _enqueue(
@@ -489,9 +563,9 @@ class Pool:
                 self._apply(self._core.withdraw(wid, time.monotonic()))
                 return
         if w.runner is not None:
-            self._release(w.runner)
+            self.release(w.runner)
 
-    def _outcome(self, w: _Waiter) -> BaseRunner:
+    def _outcome(self, w: _Waiter) -> Runner:
         if w.runner is not None:
             return w.runner
         if w.error is not None:
@@ -508,7 +582,7 @@ class Pool:
             f"{booting} booting, max={self.max}, max_concurrency={self.max_concurrency})"
         )
 
-    def _take(self) -> BaseRunner | None:
+    def _take(self) -> Runner | None:
         """A free slot at once, when nothing queues before us (the hot path), else None."""
         with self._lock:
             self._check_taking_calls()
@@ -520,7 +594,7 @@ class Pool:
                 self._apply(self._core.release(rid, time.monotonic()))
             return runner
 
-    def checkout(self, deadline: float | None) -> BaseRunner:
+    def checkout(self, deadline: float | None) -> Runner:
         """Block until a runner slot is ours (sync callers)."""
         runner = self._take()
         if runner is not None:
@@ -539,7 +613,7 @@ class Pool:
                     raise self._timeout_error()
         return self._outcome(w)
 
-    async def acheckout(self, deadline: float | None) -> BaseRunner:
+    async def acheckout(self, deadline: float | None) -> Runner:
         """Await a runner slot (asyncio callers)."""
         runner = self._take()
         if runner is not None:
@@ -567,7 +641,7 @@ class Pool:
                 runner = self._runners.get(a.runner)
                 if waiter is None or runner is None:
                     # the caller left in the same instant: give the slot back
-                    self._loop.call_soon_threadsafe(self._release_id, a.runner)
+                    self.loop.call_soon_threadsafe(self._release_id, a.runner)
                     continue
                 waiter.assign(runner)
             elif isinstance(a, _scaling.Fail):
@@ -575,20 +649,20 @@ class Pool:
                 if waiter is not None:
                     waiter.fail(self._fail_error(a))
             elif isinstance(a, _scaling.Boot):
-                runner = make_runner(self, a.runner, self.backend)
+                runner = Runner(self, a.runner, self._runner_spec())
                 self._runners[a.runner] = runner
-                self._loop.call_soon_threadsafe(self._start_boot, runner)
+                self.loop.call_soon_threadsafe(self._start_boot, runner)
             elif isinstance(a, _scaling.Retire):
                 rid = a.runner
-                self._loop.call_soon_threadsafe(self._retire, rid)
+                self.loop.call_soon_threadsafe(self._retire, rid)
             elif isinstance(a, _scaling.Keep):
                 runner = self._runners.get(a.runner)
                 if runner is not None:
                     runner.keep(a.retry_after)
             elif isinstance(a, _scaling.Hook):
-                self._loop.call_soon_threadsafe(self._run_hook, a)
+                self.loop.call_soon_threadsafe(self._run_hook, a)
             elif isinstance(a, _scaling.Wake):
-                self._loop.call_soon_threadsafe(self._schedule_wake, a.at)
+                self.loop.call_soon_threadsafe(self._schedule_wake, a.at)
 
     def _fail_error(self, a: _scaling.Fail) -> BaseException:
         if a.kind is _scaling.FailKind.CLOSED:
@@ -605,11 +679,11 @@ class Pool:
         return err
 
     # -- loop-thread handlers ----------------------------------------------------------------
-    def _start_boot(self, runner: BaseRunner) -> None:
-        task = self._loop.create_task(self._boot(runner))
+    def _start_boot(self, runner: Runner) -> None:
+        task = self.loop.create_task(self._boot(runner))
         self._boot_tasks[runner.rid] = task
 
-    async def _boot(self, runner: BaseRunner) -> None:
+    async def _boot(self, runner: Runner) -> None:
         started = time.monotonic()
         try:
             await runner.boot()
@@ -619,12 +693,18 @@ class Pool:
                 exc = BootError(f"booting {runner.describe()} was cancelled (pool stopping)")
             elif not isinstance(exc, BootError):
                 exc = BootError(f"booting {runner.describe()} failed: {exc!r}")
+            else:  # a BootError is its message: flame's frames that raised it tell nothing
+                exc.__traceback__ = None
             self._last_boot_error = exc
-            if self._state == "started":
-                logger.warning("pool %r: %s", self.name, exc)
             with self._lock:
                 self._runners.pop(runner.rid, None)
-                self._apply(self._core.boot_failed(runner.rid, exc, time.monotonic()))
+                actions = self._core.boot_failed(runner.rid, exc, time.monotonic())
+                self._apply(actions)
+            if self._state == "started":  # loud only when no caller was given the error
+                told = any(isinstance(a, _scaling.Fail) for a in actions)
+                logger.log(
+                    logging.DEBUG if told else logging.WARNING, "pool %r: %s", self.name, exc
+                )
             self._notify_gone()
             return
         self._boot_tasks.pop(runner.rid, None)
@@ -643,14 +723,15 @@ class Pool:
         if runner is None:
             return
         runner.shutdown()
-        self._loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
+        self.loop.call_later(self.shutdown_timeout + _KILL_GRACE, lambda: self._force(runner))
 
-    def _force(self, runner: BaseRunner) -> None:
+    def _force(self, runner: Runner) -> None:
         if not runner.gone and self._runners.get(runner.rid) is runner:
-            self._log_error(f"{runner.describe()} did not stop in time; killing it")
-            self._loop.create_task(runner.kill())
+            self.log_error(f"{runner.describe()} did not stop in time; killing it")
+            self.loop.create_task(runner.kill())
 
-    async def _runner_gone(self, runner: BaseRunner, message: str) -> None:
+    async def runner_gone(self, runner: Runner, message: str) -> None:
+        """``runner`` is gone: forget it and let the core replace it (loop thread)."""
         with self._lock:
             if self._runners.get(runner.rid) is runner:
                 del self._runners[runner.rid]
@@ -665,7 +746,8 @@ class Pool:
         if self._gone_event is not None:
             self._gone_event.set()
 
-    def _release(self, runner: BaseRunner) -> None:
+    def release(self, runner: Runner) -> None:
+        """A call or child on ``runner`` ended: its slot is free (any thread)."""
         with self._lock:
             self._apply(self._core.release(runner.rid, time.monotonic()))
 
@@ -673,7 +755,8 @@ class Pool:
         with self._lock:
             self._apply(self._core.release(rid, time.monotonic()))
 
-    def _idle_request(self, runner: BaseRunner) -> None:
+    def idle_request(self, runner: Runner) -> None:
+        """``runner`` asks to shut down, idle (loop thread)."""
         with self._lock:
             self._apply(self._core.idle_request(runner.rid, time.monotonic()))
 
@@ -684,7 +767,7 @@ class Pool:
             self._wake.cancel()
         self._wake_at = at
         delay = max(0.0, at - time.monotonic())
-        self._wake = self._loop.call_later(delay, self._on_wake)
+        self._wake = self.loop.call_later(delay, self._on_wake)
 
     def _on_wake(self) -> None:
         self._wake = None
@@ -710,12 +793,31 @@ class Pool:
         values = [v for v in (self._idle_after, self.min_idle_shutdown_after) if v is not None]
         return min(values) if values else None
 
-    def runner_config(self) -> RunnerConfig:
-        """What a runner booted now is told (see :class:`flame._settings.RunnerConfig`)."""
-        return RunnerConfig.current(
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The background loop this pool runs on (``flame._runner.RunnerOwner``)."""
+        return _loop.get_loop()
+
+    def _runner_spec(self) -> RunnerSpec:
+        """What a runner booted now is booted with, and told."""
+        config = RunnerConfig(
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
             idle_after=self._runner_idle_after(),
             shutdown_timeout=self.shutdown_timeout,
             single_use=self.single_use,
+            cancel_grace=settings.cancel_grace,
+            max_frame=settings.max_frame,
+        )
+        return RunnerSpec(
+            pool=self.name,
+            backend=self.backend,
+            boot_timeout=self.boot_timeout,
+            tls=self.tls,
+            failsafe=settings.failsafe_timeout,
+            config=config,
+            idle_check=self._idle_check,
+            forward_output=self.forward_output,
         )
 
     # -- logging ---------------------------------------------------------------------------------
@@ -727,24 +829,69 @@ class Pool:
             level = logging.getLevelName(level.upper())
         logger.log(level if isinstance(level, int) else logging.INFO, message)
 
-    def _log_error(self, message: str) -> None:
+    def log_error(self, message: str) -> None:
         logger.warning("pool %r: %s", self.name, message)
 
 
+def _register(pool: Pool) -> None:
+    with _registry_lock:
+        other = _registry.get(pool.name)
+        if other is not None and other._state != "stopped":
+            raise ValueError(
+                f"a pool named {pool.name!r} exists already; stop it first (pool.stop()) or "
+                "pick another name"
+            )
+        _registry[pool.name] = pool
+
+
+def _unregister(pool: Pool) -> None:
+    with _registry_lock:
+        if _registry.get(pool.name) is pool:
+            del _registry[pool.name]
+
+
 def lookup(pool: Pool | str) -> Pool:
-    """The pool object for a pool or a started pool's name."""
+    """The pool object for a pool or a pool's name."""
     if isinstance(pool, Pool):
         return pool
     if isinstance(pool, str):
         with _registry_lock:
             found = _registry.get(pool)
+            names = sorted(_registry.keys())
         if found is None:
-            raise PoolNotFound(
-                f"no started pool is named {pool!r}; start it first (pool.start(), or "
-                "`with flame.Pool(...)`)"
-            )
+            close = difflib.get_close_matches(pool, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(map(repr, names)) if names else "none"
+            raise PoolNotFound(f"no pool is named {pool!r} (pools: {known}){hint}")
         return found
     raise TypeError(f"expected a flame.Pool or a pool name, got {type(pool).__name__}")
 
+
+def _stop_all_at_exit() -> None:
+    with _registry_lock:
+        pools = [p for p in _running if p._state == "started"]
+    if not pools:
+        return
+
+    async def stop_all() -> None:
+        await asyncio.wait(
+            [asyncio.ensure_future(p._stop_at_exit()) for p in pools], timeout=_EXIT_BUDGET
+        )
+
+    with contextlib.suppress(BaseException):  # nothing of flame's may fail an exit
+        _loop.run(stop_all(), timeout=_EXIT_BUDGET + 0.5)
+
+
+def _after_fork() -> None:
+    global _registry_lock, _running
+    _lifecycle.bury(_registry_lock)
+    _registry_lock = threading.Lock()
+    _running = set()
+    for pool in list(_registry.values()):
+        pool._after_fork()
+
+
+_lifecycle.on_exit(_stop_all_at_exit)
+_lifecycle.on_fork(_after_fork)
 
 __all__ = ["Pool", "PoolStats", "lookup"]

@@ -1,16 +1,23 @@
-"""What pickles how: closures, the main module by reference, large buffers out of band.
+"""What pickles how: closures, the app's modules by reference, exceptions, large buffers.
 
 Everything crosses the wire through :func:`dumps` / :func:`loads`, built on cloudpickle with
-pickle protocol 5, and with three rules of our own:
+pickle protocol 5, and with four rules of our own:
 
-* **The app's main module is looked up, not shipped.** A runner imports the parent's main
-  script under another name (like multiprocessing's spawn) and aliases it as ``__main__``.
-  Functions and classes defined at the top of the main script are pickled by reference. A
-  lambda or closure written in the main script is shipped as code, but its globals are looked
-  up by name in the *runner's* main module at call time, so a module-level engine, lock or
-  socket is the runner's own copy and never pickled. Only globals the runner's import cannot
-  have (names bound under ``if __name__ == "__main__":``, found by reading the script's syntax
-  tree once) travel with the function, by value.
+* **The app's modules are looked up, not shipped.** A runner imports the parent's main
+  script under another name (like multiprocessing's spawn) and aliases it as ``__main__``;
+  every other module of the app it imports as the parent did. Functions and classes defined
+  at the top of any module are pickled by reference. A lambda or closure written in a module
+  the runner can import (:func:`runner_imports`: the main script, or any module loaded from
+  a file under the name a plain import finds it by) is shipped as code, but its globals are
+  looked up by name in the *runner's* import of that module at call time, so a module-level
+  engine, lock or socket is the runner's own and never pickled. Only globals the runner's
+  import cannot have (names a plain import of the module does not bind, such as those bound
+  under ``if __name__ == "__main__":``, found by reading the module's syntax tree once)
+  travel with the function, by value. Code from a module the runner cannot import (a
+  notebook cell, ``python -c``, a module made at run time) ships with its globals by value.
+* **Exceptions keep their class and attributes.** An exception whose class pickles it the
+  default way (its ``args``) is rebuilt without calling its ``__init__``, so one whose
+  ``__init__`` takes other arguments than its ``args`` still arrives whole.
 * **Large buffers travel out of band.** ``bytes``, ``bytearray`` and ``memoryview`` arguments
   and results of at least :data:`OOB_THRESHOLD` bytes, and NumPy arrays at any depth, become
   protocol-5 buffers that the wire sends and receives without extra copies.
@@ -22,7 +29,10 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
+import importlib.util
 import io
+import os
 import pickle
 import sys
 import types
@@ -39,9 +49,9 @@ _MAIN_ALIAS = "__mp_main__"
 
 
 # -- the main module --------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=256)
 def _importable_names(path: str) -> frozenset[str] | None:
-    """Names a plain import of the script at ``path`` binds at module level.
+    """Names a plain import of the module at ``path`` binds at module level.
 
     Statements under ``if __name__ == "__main__":`` are skipped, as a runner's import skips
     them. ``None`` if the script cannot be read or parsed (then everything is shipped).
@@ -107,6 +117,30 @@ def _main_names() -> frozenset[str] | None:
     return _importable_names(path)
 
 
+@functools.lru_cache(maxsize=1024)
+def runner_imports(module: str) -> bool:
+    """Whether a runner imports ``module`` itself, as the parent did (the main script is
+    handled apart): a module loaded from a file, under the name a plain import finds that
+    same file by, and not registered with cloudpickle to travel by value. Such a module is
+    on the runner's ``sys.path`` (spawn-like backends share the parent's) or in its image
+    (the same deployment), so its functions resolve their globals there."""
+    mod = sys.modules.get(module)
+    path = getattr(mod, "__file__", None)
+    if mod is None or not isinstance(path, str) or not os.path.isfile(path):
+        return False
+    if cloudpickle.cloudpickle._is_registered_pickle_by_value(mod):
+        return False
+    spec = getattr(mod, "__spec__", None)
+    if spec is None or spec.name != module:
+        return False
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(found, "origin", None)
+    return isinstance(origin, str) and os.path.realpath(origin) == os.path.realpath(path)
+
+
 def _code_names(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
@@ -115,19 +149,33 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-class _MainGlobals(dict[str, Any]):
-    """Globals of a shipped main-module function: its own values first, then the runner's
-    main module, looked up at every access (so module-level objects are the runner's own)."""
+class _ModuleGlobals(dict[str, Any]):
+    """Globals of a shipped function: its own shipped values first, then the runner's
+    import of its module, looked up at every access (so module-level objects are the
+    runner's own)."""
+
+    def __init__(self, shipped: dict[str, Any], module: str) -> None:
+        super().__init__(shipped)
+        self._module = module
 
     def __missing__(self, key: str) -> Any:
-        main = sys.modules.get("__main__")
-        if main is not None and key in main.__dict__:
-            return main.__dict__[key]
+        namespace = _namespace(self._module)
+        if key in namespace:
+            return namespace[key]
         raise KeyError(key)
 
 
-def _make_main_function(
+def _namespace(module: str) -> dict[str, Any]:
+    """The runner's import of ``module`` (the main script is ``__main__`` on a runner too)."""
+    found = sys.modules.get(module)
+    if found is None:
+        found = importlib.import_module(module)
+    return found.__dict__
+
+
+def _make_module_function(
     code: types.CodeType,
+    module: str,
     name: str,
     qualname: str,
     defaults: tuple[Any, ...] | None,
@@ -136,14 +184,18 @@ def _make_main_function(
     fdict: dict[str, Any],
     shipped: dict[str, Any],
 ) -> types.FunctionType:
-    g = _MainGlobals(shipped)
-    g["__name__"] = "__main__"
+    g: dict[str, Any]
+    if shipped or module == "__main__":
+        g = _ModuleGlobals(shipped, module)
+        g["__name__"] = module
+    else:  # nothing to add: the module's own namespace, at full speed
+        g = _namespace(module)
     cells = tuple(types.CellType(v) for v in closure) if closure is not None else None
     fn = types.FunctionType(code, g, name, defaults, cells)
     fn.__qualname__ = qualname
     fn.__kwdefaults__ = kwdefaults
     fn.__dict__.update(fdict)
-    fn.__module__ = "__main__"
+    fn.__module__ = module
     return fn
 
 
@@ -162,12 +214,21 @@ def _cell_values(fn: types.FunctionType) -> tuple[Any, ...] | None:
     return tuple(out)
 
 
-def _is_main_toplevel(obj: Any, names: frozenset[str]) -> bool:
+def _is_toplevel(obj: Any, module: str, names: frozenset[str]) -> bool:
     qualname = getattr(obj, "__qualname__", "")
     if "." in qualname or "<" in qualname or qualname not in names:
         return False
-    main = sys.modules.get("__main__")
-    return getattr(main, qualname, None) is obj
+    return getattr(sys.modules.get(module), qualname, None) is obj
+
+
+def _module_names(module: str) -> frozenset[str] | None:
+    """What a plain import of ``module`` binds, if the runner imports it; else ``None``."""
+    if module == "__main__":
+        return _main_names()
+    if not runner_imports(module):
+        return None
+    path = getattr(sys.modules.get(module), "__file__", None)
+    return _importable_names(path) if isinstance(path, str) else None
 
 
 # -- large buffers ----------------------------------------------------------------------------
@@ -236,35 +297,50 @@ mark_value = _mark
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
         super().__init__(file, protocol=PROTOCOL, buffer_callback=buffers.append)
-        self._main_names = _main_names()
+        self._names: dict[str, frozenset[str] | None] = {}
+
+    def _names_of(self, module: str) -> frozenset[str] | None:
+        if module not in self._names:
+            self._names[module] = _module_names(module)
+        return self._names[module]
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, types.CodeType) and obj.co_filename != _DYNAMIC_CODE:
             # cloudpickle ships code as "<dynamic-code>"; keep the real file name, so that a
             # remote traceback through a lambda or closure names its file and source line
             return (_with_filename, (obj.replace(co_filename=_DYNAMIC_CODE), obj.co_filename))
-        names = self._main_names
-        if names is not None and getattr(obj, "__module__", None) == "__main__":
-            if isinstance(obj, types.FunctionType):
-                if _is_main_toplevel(obj, names):
-                    return NotImplemented  # pickled by reference: __main__.<name>
-                return self._reduce_main_function(obj, names)
-            if isinstance(obj, type) and _is_main_toplevel(obj, names):
-                return NotImplemented
-        if isinstance(obj, memoryview):
+        if isinstance(obj, types.FunctionType):
+            module = obj.__module__
+            names = self._names_of(module) if isinstance(module, str) else None
+            if names is not None:
+                if _is_toplevel(obj, module, names):
+                    return NotImplemented  # pickled by reference: <module>.<name>
+                return self._reduce_module_function(obj, module, names)
+        elif isinstance(obj, type):
+            if obj.__module__ == "__main__" and (names := self._names_of("__main__")) is not None:
+                if _is_toplevel(obj, "__main__", names):
+                    return NotImplemented
+        elif isinstance(obj, BaseException):
+            reduced = reduce_exception(obj)
+            if reduced is not None:
+                return reduced
+        elif isinstance(obj, memoryview):
             return _reduce_memoryview(obj)
         return super().reducer_override(obj)
 
-    def _reduce_main_function(self, fn: types.FunctionType, names: frozenset[str]) -> Any:
+    def _reduce_module_function(
+        self, fn: types.FunctionType, module: str, names: frozenset[str]
+    ) -> Any:
         shipped = {}
         for name in _code_names(fn.__code__):
             if name in names or name not in fn.__globals__:
                 continue  # the runner's own import binds it, or it is a builtin/attribute
             shipped[name] = fn.__globals__[name]
         return (
-            _make_main_function,
+            _make_module_function,
             (
                 fn.__code__,
+                module,
                 fn.__name__,
                 fn.__qualname__,
                 fn.__defaults__,
@@ -281,6 +357,29 @@ _DYNAMIC_CODE = "<dynamic-code>"
 
 def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
     return code.replace(co_filename=filename)
+
+
+def reduce_exception(exc: BaseException) -> tuple[Any, ...] | None:
+    """How to pickle an exception without calling its ``__init__`` again when unpickled: its
+    class, ``args`` and attributes. ``None`` for a class that pickles itself its own way
+    (a ``__reduce__`` of its own, or a builtin one)."""
+    cls = type(exc)
+    if cls.__module__ == "builtins" or cls.__reduce_ex__ is not object.__reduce_ex__:
+        return None
+    if cls.__reduce__ is not BaseException.__reduce__:
+        return None
+    state = dict(exc.__dict__) if getattr(exc, "__dict__", None) else None
+    return (_rebuild_exception, (cls, exc.args, state))
+
+
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None
+) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    if state:
+        exc.__dict__.update(state)
+    return exc
 
 
 class _Unpickler(pickle.Unpickler):
@@ -355,16 +454,18 @@ class _NeedsCloudpickle(Exception):
 class _FastPickler(pickle.Pickler):
     """Plain pickle (C) for the common call: functions and classes that import by name, and
     ordinary data. Whatever plain pickle would get wrong (main-script objects the runner's
-    import does not define) raises; whatever it cannot do (lambdas, closures, local
-    classes, memoryviews) fails. Either way the call goes through :class:`_Pickler`."""
+    import does not define, exceptions) raises; whatever it cannot do (lambdas, closures,
+    local classes, memoryviews) fails. Either way the call goes through :class:`_Pickler`."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, types.FunctionType | type) and getattr(obj, "__module__", None) == (
             "__main__"
         ):
             names = _main_names()
-            if names is None or not _is_main_toplevel(obj, names):
+            if names is None or not _is_toplevel(obj, "__main__", names):
                 raise _NeedsCloudpickle
+        elif isinstance(obj, BaseException):
+            raise _NeedsCloudpickle
         return NotImplemented
 
 

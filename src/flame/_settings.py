@@ -1,14 +1,14 @@
-"""Settings: what ``flame.configure`` sets for the whole process, and what a runner is told.
+"""Settings: what ``flame.configure`` sets for the whole process, and which backend a pool
+gets by default.
 
 ``configure`` changes the process-wide :class:`Settings` (the default backend and the
-protocol's times). A pool turns them, with its own options, into one frozen
-:class:`RunnerConfig` per runner: the parent side of the runner reads it, and the runner
-gets the same dataclass in its WELCOME, so every default is stated once, here.
+protocol's times); every default is stated here, once. A pool turns them, with its own
+options, into one frozen ``flame._wire.RunnerConfig`` per runner, which the runner gets in
+its WELCOME.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -103,54 +103,3 @@ def resolve_backend(backend: Backend | str | None) -> Backend:
         env = os.environ.get("FLAME_BACKEND")
         backend = check_backend_name(env.strip().lower(), "FLAME_BACKEND") if env else "local"
     return backend_by_name(check_backend_name(backend, "backend"))
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    """What one runner is told, by its parent, in WELCOME (and what its parent side uses).
-
-    Every field is required when read from the wire: a missing or unknown key is a
-    protocol error, never a silent default.
-    """
-
-    heartbeat_interval: float
-    heartbeat_timeout: float
-    #: idle this long (and the idle check passes): ask the parent to go; None: never
-    idle_after: float | None
-    shutdown_timeout: float
-    single_use: bool
-    cancel_grace: float
-    max_frame: int
-
-    @classmethod
-    def current(
-        cls, *, idle_after: float | None, shutdown_timeout: float, single_use: bool
-    ) -> RunnerConfig:
-        """The configuration for a runner booted now, from a pool's options and the
-        process-wide settings."""
-        return cls(
-            heartbeat_interval=settings.heartbeat_interval,
-            heartbeat_timeout=settings.heartbeat_timeout,
-            idle_after=idle_after,
-            shutdown_timeout=shutdown_timeout,
-            single_use=single_use,
-            cancel_grace=settings.cancel_grace,
-            max_frame=settings.max_frame,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: Any) -> RunnerConfig:
-        """Read a configuration sent by a parent; ``ValueError`` names what is wrong."""
-        if not isinstance(doc, dict):
-            raise ValueError("the runner configuration is not an object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(doc) - names)
-        missing = sorted(names - set(doc))
-        if unknown or missing:
-            raise ValueError(
-                f"the runner configuration has unknown keys {unknown} and lacks {missing}"
-            )
-        return cls(**doc)

@@ -46,13 +46,16 @@ CANCEL          parent              ``!Q`` call id: the caller gave up (timeout,
 CHILD_STOP      parent              ``!Q`` child id: stop that child (``close()`` it).
 CONFIG          parent              right after WELCOME: pickled ``{"idle_check": fn|None}``.
 RESULT          runner              ``!QB`` (call id, status) then a pickled section: the
-                                    return value, or the exception (see ``STATUS_*``).
+                                    return value, or the exception (the statuses are
+                                    ``flame._record.Status``).
 CHILD_EXIT      runner              ``!QB`` (child id, status) then a pickled section: what
                                     the child's ``run()`` returned or raised; frees its slot.
 IDLE            runner              idle long enough and its idle check passed: may I go?
 KEEP            parent              ``!d`` ask again after that many seconds (-1: don't ask).
 SHUTDOWN        parent              finish in-flight work within shutdown_timeout and exit.
 GOODBYE         runner              ``!B`` exit code: the runner is about to exit on its own.
+OUTPUT          runner              ``!B`` stream (1: stdout, 2: stderr), then bytes the runner
+                                    wrote there (``Pool(forward_output=True)``).
 ==============  ==================  =========================================================
 
 Heartbeats: each side sends PING every ``interval`` and declares the peer lost when nothing
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -77,6 +81,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -86,19 +91,13 @@ from ._version import __version__
 # -- frame kinds ----------------------------------------------------------------------------
 HELLO, CHALLENGE, PROOF, WELCOME, REFUSE = 1, 2, 3, 4, 5
 PING, CALL, CHILD_CALL, CANCEL, CHILD_STOP, CONFIG = 10, 11, 12, 13, 14, 15
-RESULT, CHILD_EXIT, IDLE, KEEP, SHUTDOWN, GOODBYE = 20, 21, 22, 23, 24, 25
+RESULT, CHILD_EXIT, IDLE, KEEP, SHUTDOWN, GOODBYE, OUTPUT = 20, 21, 22, 23, 24, 25, 26
 PREAUTH_KINDS = frozenset({HELLO, CHALLENGE, PROOF, WELCOME, REFUSE})
 
 # CALL flags
 FLAG_LINK = 1
 FLAG_CAST = 2
 FLAG_CHILD = 4
-
-# RESULT / CHILD_EXIT status
-STATUS_OK = 0  # body: the value
-STATUS_RAISED = 1  # body: (pickled exception or None, type name, message, traceback)
-STATUS_TIMEOUT = 3  # body: message text (the deadline passed on the runner)
-STATUS_CANCELLED = 4  # body: message text (cancelled by the parent or parent loss)
 
 HEADER = struct.Struct("!QB")
 CALL_HEAD = struct.Struct("!QBd")
@@ -118,6 +117,57 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 8.0
 _READ_CHUNK = 64 * 1024  # the scratch buffer: small frames; larger ones get their own
 _SMALL_FRAME = 16 * 1024
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What one runner is told by its parent in WELCOME (its parent side uses the same).
+
+    Every field is required: a missing or unknown key is a protocol error, never a silent
+    default (the defaults live in ``flame._settings``).
+    """
+
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    #: idle this long (and the idle check passes): ask the parent to go; None: never
+    idle_after: float | None
+    shutdown_timeout: float
+    single_use: bool
+    cancel_grace: float
+    max_frame: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RunnerConfig:
+        """Read a configuration sent by a parent; ``ValueError`` names what is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("the runner configuration is not an object")
+        unknown = sorted(set(doc) - set(_CONFIG_TYPES))
+        missing = sorted(set(_CONFIG_TYPES) - set(doc))
+        if unknown or missing:
+            raise ValueError(
+                f"the runner configuration has unknown keys {unknown} and lacks {missing}"
+            )
+        for key, types in _CONFIG_TYPES.items():
+            value = doc[key]
+            if isinstance(value, bool) is not (bool in types) or not isinstance(value, types):
+                raise ValueError(f"the runner configuration's {key} is {value!r}")
+        return cls(**doc)
+
+
+_SECONDS = (int, float)
+#: the JSON types each field of RunnerConfig accepts (bool is not a number here)
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "heartbeat_interval": _SECONDS,
+    "heartbeat_timeout": _SECONDS,
+    "idle_after": (*_SECONDS, type(None)),
+    "shutdown_timeout": _SECONDS,
+    "single_use": (bool,),
+    "cancel_grace": _SECONDS,
+    "max_frame": (int,),
+}
 
 
 class ProtocolError(Exception):
@@ -469,6 +519,11 @@ class Connection:
             self._flush_outbox()
         if self._outbox:
             self._try_flush()
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting in the outbox (a peer or network that does not keep up)."""
+        return len(self._outbox)
 
     def send_soon(self, kind: int, parts: Sequence[bytes | memoryview] = ()) -> None:
         """Send a small frame without ever blocking on another writer (for the loop thread)."""

@@ -25,14 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _wire
 from .._errors import CallTimeout, ChildEnded, SerializationError
+from .._record import Outcome, Status
 
-Outcome = tuple[int, Any]
 Loader = Callable[[], tuple[Any, tuple[Any, ...]]]
 DoneCallback = Callable[[Outcome], None]
-
-DEFAULT_CANCEL_GRACE = 3.0
 
 
 class CancelledByParent(Exception):
@@ -55,10 +52,10 @@ def format_remote(exc: BaseException) -> str:
 
 def outcome_of_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, CallTimeout):
-        return (_wire.STATUS_TIMEOUT, str(exc) or "the call's deadline passed on the runner")
+        return (Status.TIMEOUT, str(exc) or "the call's deadline passed on the runner")
     if isinstance(exc, CancelledByParent | asyncio.CancelledError):
-        return (_wire.STATUS_CANCELLED, str(exc) or "cancelled")
-    return (_wire.STATUS_RAISED, (exc, format_remote(exc)))
+        return (Status.CANCELLED, str(exc) or "cancelled")
+    return (Status.RAISED, (exc, format_remote(exc)))
 
 
 @dataclass(eq=False)
@@ -84,9 +81,11 @@ class Executor:
         *,
         on_change: Callable[[], None],
         on_stuck: Callable[[int], None],
-        cancel_grace: float = DEFAULT_CANCEL_GRACE,
+        cancel_grace: float,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.control = control
+        self._now = now
         self.on_change = on_change  # control loop: the set of jobs changed
         self.on_stuck = on_stuck
         self.cancel_grace = cancel_grace
@@ -99,7 +98,7 @@ class Executor:
         self._jobs_lock = threading.Lock()
         #: jobs not finished yet (calls, placed children, child calls)
         self.busy = 0
-        self.idle_since = time.monotonic()
+        self.idle_since = now()
         #: when set, the end of the last job wakes the control loop (``on_change``) at once;
         #: otherwise the control loop notices idleness on its own periodic tick, so that
         #: finishing a call costs no cross-thread wake-up on the hot path
@@ -162,7 +161,7 @@ class Executor:
         """Register a call (any thread); :meth:`run` it next, in a worker thread."""
         job = Job(call_id, link, on_done)
         if timeout is not None:
-            job.deadline = time.monotonic() + max(timeout, 0.0)
+            job.deadline = self._now() + max(timeout, 0.0)
         self._add(job)
         return job
 
@@ -184,7 +183,7 @@ class Executor:
             self.busy -= 1
             idle = self.busy == 0
             if idle:
-                self.idle_since = time.monotonic()
+                self.idle_since = self._now()
         if idle and self.notify_idle and not self.control.is_closed():
             self.control.call_soon_threadsafe(self.on_change)
 
@@ -210,7 +209,7 @@ class Executor:
             err = SerializationError(
                 f"cannot unpickle the call on the runner: {type(lf.exc).__name__}: {lf.exc}"
             )
-            outcome = (_wire.STATUS_RAISED, (err, format_remote(lf.exc)))
+            outcome = (Status.RAISED, (err, format_remote(lf.exc)))
         except BaseException as exc:
             outcome = outcome_of_exception(exc)
         self._finish(job, outcome)
@@ -230,7 +229,7 @@ class Executor:
         self._leave_thread(job)
         if inspect.isawaitable(value):
             return self._await(job, lambda: value)
-        return (_wire.STATUS_OK, value)
+        return (Status.OK, value)
 
     def _leave_thread(self, job: Job) -> None:
         with job.lock:
@@ -240,17 +239,24 @@ class Executor:
 
     def _await(self, job: Job, make: Callable[[], Any]) -> Outcome:
         async def runner() -> Any:
-            return await make()
+            try:
+                return await make()
+            except (Exception, asyncio.CancelledError):
+                raise
+            except BaseException as exc:  # SystemExit would stop the user loop itself
+                raise _Escaped(exc) from None
 
         with job.lock:
             if job.cancel_exc is not None:
                 return outcome_of_exception(job.cancel_exc())
             job.task = asyncio.run_coroutine_threadsafe(runner(), self.user_loop())
         try:
-            return (_wire.STATUS_OK, job.task.result())
+            return (Status.OK, job.task.result())
         except concurrent.futures.CancelledError:
             exc_type = job.cancel_exc or CancelledByParent
             return outcome_of_exception(exc_type())
+        except _Escaped as escaped:
+            return outcome_of_exception(escaped.exc)
         except BaseException as exc:
             return outcome_of_exception(exc)
 
@@ -319,7 +325,7 @@ class Executor:
                 self._remove(job)
                 return
             job.obj = obj
-            on_built((_wire.STATUS_OK, None))
+            on_built((Status.OK, None))
             run = getattr(obj, "run", None)
             if not callable(run):
                 return  # lives until stopped
@@ -339,7 +345,7 @@ class Executor:
     ) -> None:
         child = self.jobs.get(child_id)
         if child is None or not child.is_child or child.finished:
-            on_done((_wire.STATUS_RAISED, (ChildEnded("the placed child has ended"), "")))
+            on_done((Status.RAISED, (ChildEnded("the placed child has ended"), "")))
             return
 
         def bound() -> tuple[Any, tuple[Any, ...]]:
@@ -348,7 +354,7 @@ class Executor:
 
         job = Job(call_id, child.link, on_done)
         if timeout is not None:
-            job.deadline = time.monotonic() + max(timeout, 0.0)
+            job.deadline = self._now() + max(timeout, 0.0)
         self._add(job)
         self.spawn(lambda: self.run(job, bound))
 
@@ -358,7 +364,7 @@ class Executor:
             return
         if job.obj is not None and not callable(getattr(job.obj, "run", None)):
             # no run(): closing it ends it (once close() has returned)
-            self._close_child(job, then=lambda: self._finish(job, (_wire.STATUS_OK, None)))
+            self._close_child(job, then=lambda: self._finish(job, (Status.OK, None)))
             return
         self.cancel(child_id, CancelledByParent)
 
@@ -395,6 +401,14 @@ class Executor:
     def cancel_all(self) -> None:
         for job in list(self.jobs.values()):
             self.cancel(job.id, CancelledByParent)
+
+
+class _Escaped(Exception):
+    """Carries a ``BaseException`` that is not an ``Exception`` out of a user-loop task."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
 
 
 class _LoadFailed(Exception):

@@ -22,14 +22,26 @@ import threading
 import time
 import traceback
 
-from .._parent import LaunchInfo, Parent, _set_current
-from ._exits import ExitCode
+from .._exits import ExitCode
+from .._parent import (
+    CalledWhileImporting,
+    LaunchInfo,
+    Parent,
+    _set_current,
+    importing_app,
+)
+from ._output import OutputCapture, line_buffered
+
+#: the runner's stdout and stderr, caught for its parent (``Pool(forward_output=True)``)
+_capture: OutputCapture | None = None
 
 
 def _exit(code: int) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if _capture is not None:  # what was not sent goes to the original fd 1 and 2
+            _capture.restore()
     finally:
         os._exit(code)
 
@@ -81,13 +93,17 @@ def import_app(app: dict[str, str] | None) -> None:
 
 
 def main() -> None:
+    global _capture
     started = time.monotonic()
+    line_buffered()
     try:
         info = LaunchInfo.from_environ()
     except ValueError as exc:
         print(f"flame runner: {exc}", file=sys.stderr)
         _exit(ExitCode.BAD_ENV)
         return
+    if info.forward_output:  # from now on: what the app prints at import is caught too
+        _capture = OutputCapture()
     # the secret is in our environment; our children need not inherit it
     os.environ.pop("FLAME_PARENT", None)
     connected = threading.Event()
@@ -105,10 +121,15 @@ def main() -> None:
             pool=info.pool,
             backend=info.backend,
             addresses=info.addresses,
-        )
+        ),
+        info.app,
     )
     try:
-        import_app(info.app)
+        with importing_app:
+            import_app(info.app)
+    except CalledWhileImporting:  # the parent tells the user, in one line
+        _exit(ExitCode.NO_MAIN_GUARD)
+        return
     except BaseException:
         print(
             f"flame runner {info.runner_id}: importing the application failed:\n"
@@ -121,7 +142,7 @@ def main() -> None:
     from ._runtime import serve
 
     try:
-        code = asyncio.run(serve(info, started, connected.set))
+        code = asyncio.run(serve(info, started, connected.set, _capture))
     except BaseException:
         traceback.print_exc()
         code = ExitCode.INTERNAL

@@ -1,17 +1,10 @@
-"""The runner's side of the connection, and its terminator.
+"""The runner's side of its connection: dial, handshake, then serve frames until the
+terminator (``flame._child._terminator``) says the runner ends, and return the exit code.
 
-After the app has been imported, :func:`serve` dials the parent, runs the handshake (see
-``flame._wire``), then serves frames on the control loop until one of the runner life-cycle
-rules ends it, and returns the exit code:
-
-* the parent sends SHUTDOWN (pool stop, retire, or an IDLE request granted): in-flight work
-  gets ``shutdown_timeout``, then is cancelled;
-* idle (no call, no child) for ``idle_after`` and the idle check passes: ask the parent (IDLE);
-  it answers SHUTDOWN or KEEP, so a runner never leaves while a call is on its way;
-* a single-use runner's call is done;
-* the parent is lost (closed connection, or heartbeats stop): linked work is cancelled at
-  once, unlinked work gets ``shutdown_timeout``;
-* a cancelled call has not stopped within the grace period: the runner exits (STUCK).
+Frames are read by the executor's worker threads taking turns (the "leader" reads, and runs
+the call it read itself); everything that is not a plain call goes to the control loop, in
+order. Results are encoded (``flame._record.encode``) and written by the worker that ran the
+call.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import math
 import select
 import socket
 import sys
@@ -29,14 +21,15 @@ import time
 from typing import Any
 
 from .. import _serialize, _wire
-from .._errors import SerializationError
+from .._exits import ExitCode
 from .._parent import LaunchInfo
-from .._settings import RunnerConfig
-from ._executor import Executor, Outcome
-from ._exits import ExitCode
+from .._record import Outcome, encode
+from .._wire import RunnerConfig
+from ._executor import Executor
+from ._output import OutputCapture
+from ._terminator import Terminator
 
 _CONNECT_ATTEMPT_TIMEOUT = 3.0
-_TICK = 0.1  # seconds between the terminator's periodic checks
 _CHILD_FLAG = _wire.FLAG_CHILD  # in a CALL's flags byte, body[8]
 
 
@@ -72,65 +65,51 @@ async def _dial(info: LaunchInfo, deadline: float) -> socket.socket:
         delay = min(delay * 2, 1.0)
 
 
-def _encode_outcome(outcome: Outcome, what: str) -> tuple[int, list[bytes | memoryview]]:
-    """Pickle an outcome for RESULT / CHILD_EXIT.
-
-    A raised exception travels as ``(pickled exception or None, type name, message,
-    traceback)`` so that the parent can still report it when the exception itself will not
-    pickle here or unpickle there.
-    """
-    status, value = outcome
-    if status == _wire.STATUS_OK:
-        try:
-            data, bufs = _serialize.dumps_value(value, what)
-            return status, _wire.section_parts(data, bufs)
-        except SerializationError as exc:
-            status, value = _wire.STATUS_RAISED, (exc, "")
-    if status == _wire.STATUS_RAISED:
-        error, tb = value
-        try:
-            blob: bytes | None = _serialize.dumps(error)[0]
-        except Exception:
-            blob = None
-        value = (blob, _qualname(type(error)), str(error), tb)
-    data, bufs = _serialize.dumps(value)
-    return status, _wire.section_parts(data, bufs)
-
-
-def _qualname(t: type) -> str:
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
 class RunnerSession:
-    """Serves one authenticated connection until an exit rule fires."""
+    """Serves one authenticated connection until the terminator ends it."""
 
-    def __init__(self, info: LaunchInfo, config: RunnerConfig) -> None:
+    def __init__(self, info: LaunchInfo, config: RunnerConfig, conn: _wire.Connection) -> None:
         self.info = info
         self.loop = asyncio.get_running_loop()
-        self.config = config
-        self.idle_after = config.idle_after
-        self.shutdown_timeout = config.shutdown_timeout
-        self.single_use = config.single_use
-        self.idle_check: Any = None
+        self.conn = conn
         self.done: asyncio.Future[ExitCode] = self.loop.create_future()
         self.executor = Executor(
             self.loop,
-            on_change=self._on_change,
-            on_stuck=self._on_stuck,
+            on_change=self._changed,
+            on_stuck=self._stuck,
             cancel_grace=config.cancel_grace,
+            now=self.loop.time,
         )
-        self.conn: _wire.Connection | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._idle_asking = False
-        self._checking = False
-        self._next_ask = 0.0  # after a KEEP: not before this time
-        self._draining = False
-        self._served = 0
+        self.terminator = Terminator(
+            config,
+            self.executor,
+            self,
+            self.loop,
+            self._exit,
+            say=lambda text: _say(f"flame runner {info.runner_id}: {text}"),
+        )
         self._watch: Any = None  # select.epoll, see _start_watch
         self._lead_lock = threading.Lock()
         self._vacant = False
 
     # -- reading (worker threads, one at a time) -------------------------------------------------
+    # -- the terminator's ports ---------------------------------------------------------------
+    def _changed(self) -> None:
+        self.terminator.changed()
+
+    def _stuck(self, call_id: int) -> None:
+        self.terminator.stuck(call_id)
+
+    def _exit(self, code: ExitCode) -> None:
+        if not self.done.done():
+            self.done.set_result(code)
+
+    def idle(self) -> None:
+        self.conn.send_soon(_wire.IDLE)
+
+    def goodbye(self, code: ExitCode) -> None:
+        self.conn.send_soon(_wire.GOODBYE, [_wire.BYTE.pack(int(code))])
+
     def lead(self) -> None:
         """Read frames as the connection's one reader (the "leader"), in a worker thread.
 
@@ -245,7 +224,7 @@ class RunnerSession:
 
     def _take_call(self, body: memoryview) -> tuple[Any, Any]:
         call_id, flags, timeout = _wire.CALL_HEAD.unpack_from(body, 0)
-        self._served += 1
+        self.terminator.served()
         job = self.executor.new_call(
             call_id,
             timeout=None if timeout < 0 else timeout,
@@ -263,7 +242,7 @@ class RunnerSession:
             if not flags & _wire.FLAG_CHILD:
                 self.executor.spawn(functools.partial(self.executor.run, *self._take_call(body)))
                 return
-            self._served += 1
+            self.terminator.served()
             self.executor.place_child(
                 call_id,
                 _loader(body[_wire.CALL_HEAD.size :]),
@@ -291,143 +270,31 @@ class RunnerSession:
             self.executor.stop_child(child_id)
         elif kind == _wire.CONFIG:
             data, bufs = _wire.split_section(body)
-            self.idle_check = _serialize.loads(data, bufs).get("idle_check")
+            self.terminator.idle_check = _serialize.loads(data, bufs).get("idle_check")
         elif kind == _wire.KEEP:
             (retry,) = _wire.FLOAT.unpack_from(body, 0)
-            self._idle_asking = False
-            self._next_ask = time.monotonic() + retry if retry >= 0 else math.inf
+            self.terminator.keep(retry)
         elif kind == _wire.SHUTDOWN:
-            code = ExitCode.IDLE if self._idle_asking else ExitCode.STOPPED
-            if self.single_use and self._served:
-                # the parent retires a single-use runner after its call, and that SHUTDOWN may
-                # overtake the runner's own end of the call: same reason, same exit code
-                code = ExitCode.SINGLE_USE
-            self.loop.create_task(self._drain(code, cancel_linked=False))
+            self.terminator.shutdown()
         else:
             raise _wire.ProtocolError(f"unexpected message kind {kind} from the parent")
 
     def on_close(self, reason: str) -> None:
-        if self.done.done() or self._draining:
+        if self.terminator.ended or self.terminator.draining:
             return
-        self.loop.create_task(self._drain(ExitCode.PARENT_LOST, cancel_linked=True))
         _say(f"flame runner {self.info.runner_id}: parent lost ({reason})")
+        self.terminator.parent_lost()
 
     # -- replies (worker threads) ---------------------------------------------------------------
     def _reply(self, kind: int, call_id: int, what: str, outcome: Outcome) -> None:
-        status, parts = _encode_outcome(outcome, what)
+        status, parts = encode(outcome, what)
         conn = self.conn
-        if conn is None or conn.closed:
+        if conn.closed:
             return
         try:
             conn.send(kind, [_wire.RESULT_HEAD.pack(call_id, status), *parts])
         except ConnectionError:
             pass
-
-    # -- terminator (control loop) ----------------------------------------------------------------
-    def _on_change(self) -> None:
-        """The executor went from idle to busy (any thread), or, when asked to tell, from busy
-        to idle (control loop)."""
-        if self.executor.busy:
-            self._next_ask = 0.0  # busy again: a KEEP's "ask later" no longer holds
-            return
-        if self._draining:
-            if not self.done.done():
-                self.done.set_result(self._drain_code)
-            return
-        if self.single_use and self._served:
-            self._goodbye(ExitCode.SINGLE_USE)
-            if not self.done.done():
-                self.done.set_result(ExitCode.SINGLE_USE)
-
-    def start_ticking(self) -> None:
-        self.executor.notify_idle = self.single_use
-        self._tick_handle = self.loop.call_later(_TICK, self._tick)
-
-    def _tick(self) -> None:
-        """Periodic duties: call deadlines (the runner's backstop) and idle shutdown."""
-        if self.done.done():
-            return
-        now = time.monotonic()
-        self.executor.sweep(now)
-        if (
-            self.idle_after is not None
-            and not self.executor.busy
-            and not self._draining
-            and not self._idle_asking
-            and not self._checking
-            and now >= max(self.executor.idle_since + self.idle_after, self._next_ask)
-        ):
-            self._idle_fired()
-        self._tick_handle = self.loop.call_later(_TICK, self._tick)
-
-    def _idle_fired(self) -> None:
-        check = self.idle_check
-        if check is None:
-            self._ask_idle()
-            return
-
-        def run_check() -> None:
-            try:
-                ok = bool(check())
-            except Exception as exc:
-                _say(f"flame runner: idle check raised {exc!r}")
-                ok = False
-            self.loop.call_soon_threadsafe(self._check_done, ok)
-
-        self._checking = True
-        self.executor.spawn(run_check)
-
-    def _check_done(self, ok: bool) -> None:
-        self._checking = False
-        if self.executor.busy or self._draining:
-            return
-        if ok:
-            self._ask_idle()
-        elif self.idle_after is not None:
-            self._next_ask = time.monotonic() + self.idle_after
-
-    def _ask_idle(self) -> None:
-        if self.conn is not None and not self.conn.closed:
-            self._idle_asking = True
-            self.conn.send_soon(_wire.IDLE)
-
-    def _on_stuck(self, call_id: int) -> None:
-        self._goodbye(ExitCode.STUCK)
-        if not self.done.done():
-            self.done.set_result(ExitCode.STUCK)
-        _say(
-            f"flame runner {self.info.runner_id}: call {call_id} did not stop after being "
-            "cancelled; exiting"
-        )
-
-    def _goodbye(self, code: ExitCode) -> None:
-        if self.conn is not None and not self.conn.closed:
-            self.conn.send_soon(_wire.GOODBYE, [_wire.BYTE.pack(int(code))])
-
-    _drain_code = ExitCode.STOPPED
-
-    async def _drain(self, code: ExitCode, *, cancel_linked: bool) -> None:
-        if self._draining:
-            return
-        self._draining = True
-        self._drain_code = code
-        self.executor.notify_idle = True
-        if cancel_linked:
-            self.executor.cancel_linked()
-        if not self.executor.busy:
-            if not self.done.done():
-                self.done.set_result(code)
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self.done), self.shutdown_timeout)
-        except TimeoutError:
-            self.executor.cancel_all()
-            try:
-                await asyncio.wait_for(asyncio.shield(self.done), self.executor.cancel_grace)
-            except TimeoutError:
-                pass
-            if not self.done.done():
-                self.done.set_result(code)
 
 
 def _say(text: str) -> None:
@@ -502,7 +369,9 @@ async def _secure(sock: socket.socket, info: LaunchInfo) -> socket.socket:
         raise _Exit(ExitCode.AUTH_FAILED, str(exc)) from None
 
 
-async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
+async def serve(
+    info: LaunchInfo, started: float, on_connected: Any, capture: OutputCapture | None
+) -> int:
     deadline = started + info.failsafe
     try:
         sock = await _secure(await _dial(info, deadline), info)
@@ -511,20 +380,23 @@ async def serve(info: LaunchInfo, started: float, on_connected: Any) -> int:
         _say(f"flame runner {info.runner_id}: {exc}")
         return int(exc.code)
     on_connected()
-    session = RunnerSession(info, config)
+    if capture is not None:
+        capture.attach(conn)
+    session = RunnerSession(info, config, conn)
     conn.max_frame = config.max_frame
     conn.on_frame = session.on_frame
     conn.on_close = session.on_close
-    session.conn = conn
     for kind, body in q.later:
         session.on_frame(kind, body)
     conn.start_heartbeats(config.heartbeat_interval, config.heartbeat_timeout)
-    session.start_ticking()
+    session.terminator.start()
     conn.read_in_threads()
     session._start_watch(conn)
     session.executor.spawn(session.lead)
     code = await session.done
     session._stop_watch()
+    if capture is not None:  # the last lines go to the parent while the connection lasts
+        await asyncio.to_thread(capture.restore)
     if not conn.closed:
         # let queued frames (results, GOODBYE) leave before hanging up
         await asyncio.sleep(0)

@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 #: the names a pool's ``backend`` option and ``FLAME_BACKEND`` accept
-BACKEND_NAMES = ("local", "process", "fly", "kubernetes")
+BACKEND_NAMES = ("local", "process", "fly", "kubernetes", "docker")
 
 
 def backend_by_name(name: str) -> Backend:
@@ -39,4 +39,8 @@ def backend_by_name(name: str) -> Backend:
         from .kubernetes import KubernetesBackend
 
         return KubernetesBackend()
+    if name == "docker":
+        from .docker import DockerBackend
+
+        return DockerBackend()
     raise ValueError(f"no backend is named {name!r}")

@@ -44,6 +44,10 @@ class RunnerLaunch:
     pool: str
     env: Mapping[str, str] = field(repr=False)
     argv: Sequence[str] = ("python", "-m", "flame", "runner")
+    #: the runner sends its stdout and stderr to the parent through its connection
+    #: (``Pool(forward_output=True)``); a backend that shows a runner's output itself (the
+    #: inherited terminal, a platform's logs) need not copy it anywhere else then
+    forward_output: bool = True
 
     def __repr__(self) -> str:
         return f"RunnerLaunch(runner_id={self.runner_id!r}, pool={self.pool!r})"
@@ -74,6 +78,11 @@ class RunnerHandle(abc.ABC):
         """Extra detail for error messages, such as the tail of the runner's stderr."""
         return ""
 
+    def forsake(self) -> None:  # noqa: B027 - optional hook
+        """Called in a child forked from the parent (``os.fork()``): close this process's
+        copies of what the handle holds (pipes, sockets), without touching the runner, which
+        is still the parent's. Must not take a lock a parent thread may have held."""
+
 
 class Backend(abc.ABC):
     """Starts runners. Subclass it to run flame on a platform of your own.
@@ -83,8 +92,13 @@ class Backend(abc.ABC):
 
     #: The name given to runners in ``flame.parent().backend``.
     name: str = "custom"
-    #: True for backends that run calls in the calling process (only ``LocalBackend``).
-    in_process: bool = False
+
+    @property
+    def pickles_calls(self) -> bool:
+        """Whether calls, arguments and results are pickled on their way to a runner: true
+        for every runner in another process. Only ``LocalBackend()`` (without ``serialize``),
+        whose runners live in the caller's own process, hands the objects over as they are."""
+        return True
 
     def listen_host(self) -> str:
         """The address the parent's listener binds for this backend's runners."""
@@ -115,3 +129,9 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (HTTP clients...). Called when its pool stops."""
+
+    def forked(self) -> None:  # noqa: B027 - optional hook
+        """Called in a child forked from the parent (``os.fork()``), whose pools start afresh:
+        forget what belongs to the parent's event loop or threads (HTTP clients, watches,
+        rate limiters), so that the child makes its own on first use. Must not take a lock
+        a parent thread may have held."""

@@ -62,8 +62,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _redact
-from .._child._exits import ExitCode
 from .._errors import BootError
+from .._exits import ExitCode
 from ._base import Backend, RunnerHandle, RunnerLaunch
 
 if TYPE_CHECKING:

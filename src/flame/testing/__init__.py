@@ -2,7 +2,9 @@
 
 * :func:`check_backend`: a conformance check for a :class:`flame.Backend`, the same contract
   flame's own backends are held to: it boots runners, calls them, stops them, and checks
-  that a runner's death is noticed and that nothing is left running.
+  that a runner's death is noticed and that nothing is left running. Use it on a backend of
+  your own, or on a configured one against the real platform, e.g.
+  ``check_backend(flame.DockerBackend(image="myapp:test"))`` on your Docker engine.
 * ``flame.testing.fly.FlyMachinesEmulator``: a local emulator of the Fly Machines API that
   really boots runners as local processes (``pip install 'flame-py[fly]'``).
 * ``flame.testing.kubernetes.KubernetesAPIEmulator``: the same for the Kubernetes API

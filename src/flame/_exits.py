@@ -1,4 +1,5 @@
-"""Exit codes of a runner process, one per reason, so a parent (or an operator) can tell why.
+"""Exit codes of a runner, one per reason, so a parent (or an operator) can tell why; used by
+the runner to exit and by the parent and the backends to describe an exit.
 
 The codes flame chooses itself sit in the 200s, away from the small codes applications use
 (``os._exit(3)`` in user code must not read as "idle shutdown" in an error message).
@@ -21,6 +22,7 @@ class ExitCode(enum.IntEnum):
     REFUSED = 208  # the parent refused it (version mismatch)
     APP_FAILED = 209  # importing the application raised
     STUCK = 210  # a cancelled call did not stop within the grace period
+    NO_MAIN_GUARD = 211  # the app calls a pool at import time (no `if __name__ == ...`)
 
     def describe(self) -> str:
         return _TEXT[self]
@@ -38,6 +40,7 @@ _TEXT = {
     ExitCode.REFUSED: "refused by its parent (version mismatch)",
     ExitCode.APP_FAILED: "importing the application raised",
     ExitCode.STUCK: "a cancelled call did not stop within the grace period",
+    ExitCode.NO_MAIN_GUARD: "the app calls a pool while it is imported",
 }
 
 
