@@ -153,10 +153,29 @@ class StandInKubelet:
         self._threads: list[threading.Thread] = []
 
     # -- what the API side asks ------------------------------------------------------------
-    def start(self, ns: str, name: str, uid: str) -> None:
-        """Take a newly created Pod in hand (in a thread of its own)."""
+    def start(self, pod: JSON) -> None:
+        """Take a newly created Pod in hand (store lock held), in a thread of its own.
+
+        Whether it can be scheduled and its image pulled is decided here, in the order the
+        Pods were created, so that an injected failure "for the next N Pods" means those.
+        """
+        store = self._store
+        meta = pod["metadata"]
+        selector = pod["spec"].get("nodeSelector") or {}
+        unschedulable: str | None = None
+        pull: Failure | None = None
+        if any(NODE_LABELS.get(k) != v for k, v in selector.items()):
+            unschedulable = _NO_NODE_MATCHES
+        elif (failure := store.take_failure("schedule", lambda r: True)) is not None:
+            unschedulable = failure.message
+        else:
+            image = str(pod["spec"]["containers"][0].get("image"))
+            pull = store.take_failure("image", lambda r: r.image in (None, image))
         t = threading.Thread(
-            target=self._run, args=(ns, name, uid), name=f"k8s-emulator-kubelet-{name}", daemon=True
+            target=self._run,
+            args=(meta["namespace"], meta["name"], meta["uid"], unschedulable, pull),
+            name=f"k8s-emulator-kubelet-{meta['name']}",
+            daemon=True,
         )
         self._threads.append(t)
         t.start()
@@ -207,10 +226,12 @@ class StandInKubelet:
             return c.log_path if c is not None else None
 
     # -- the life of one Pod ---------------------------------------------------------------
-    def _run(self, ns: str, name: str, uid: str) -> None:
+    def _run(
+        self, ns: str, name: str, uid: str, unschedulable: str | None, pull: Failure | None
+    ) -> None:
         store = self._store
         try:
-            self._run_pod(ns, name, uid)
+            self._run_pod(ns, name, uid, unschedulable, pull)
         except Exception as exc:  # never let a thread die with a traceback in a test run
             with store.lock:
                 pod = store.live_pod(ns, name, uid)
@@ -222,7 +243,9 @@ class StandInKubelet:
                     )
                     store.touch_pod(pod)
 
-    def _bind(self, ns: str, name: str, uid: str) -> bool:
+    def _bind(
+        self, ns: str, name: str, uid: str, unschedulable: str | None, pull: Failure | None
+    ) -> bool:
         """Schedule and "pull": False if the Pod will not start (or is gone)."""
         store = self._store
         with store.lock:
@@ -230,16 +253,13 @@ class StandInKubelet:
             if pod is None:
                 return False
             status = pod["status"]
-            selector = pod["spec"].get("nodeSelector") or {}
-            unmatched = any(NODE_LABELS.get(k) != v for k, v in selector.items())
-            failure = None if unmatched else store.take_failure("schedule", lambda r: True)
-            if unmatched or failure is not None:
+            if unschedulable is not None:
                 status["conditions"] = [
                     {
                         "type": "PodScheduled",
                         "status": "False",
                         "reason": "Unschedulable",
-                        "message": failure.message if failure is not None else _NO_NODE_MATCHES,
+                        "message": unschedulable,
                         "lastTransitionTime": now(),
                     }
                 ]
@@ -251,16 +271,15 @@ class StandInKubelet:
             ]
             status["hostIP"] = "127.0.0.1"
             container = pod["spec"]["containers"][0]
-            image = str(container.get("image"))
-            failure = store.take_failure("image", lambda r: r.image in (None, image))
-            if failure is not None:
-                message = failure.message or (
+            if pull is not None:
+                image = str(container.get("image"))
+                message = pull.message or (
                     f'Failed to pull image "{image}": rpc error: code = NotFound desc = '
                     f"failed to resolve reference {image!r}: not found"
                 )
                 status["containerStatuses"] = [
                     container_status(
-                        container, {"waiting": {"reason": failure.reason, "message": message}}
+                        container, {"waiting": {"reason": pull.reason, "message": message}}
                     )
                 ]
                 store.touch_pod(pod)
@@ -291,9 +310,11 @@ class StandInKubelet:
                         store.touch_pod(pod)
                     store.changed.wait(0.5)  # releases the lock until the store changes
 
-    def _run_pod(self, ns: str, name: str, uid: str) -> None:
+    def _run_pod(
+        self, ns: str, name: str, uid: str, unschedulable: str | None, pull: Failure | None
+    ) -> None:
         store = self._store
-        if not self._bind(ns, name, uid):
+        if not self._bind(ns, name, uid, unschedulable, pull):
             return
         env = self._environment(ns, name, uid)
         if env is None:

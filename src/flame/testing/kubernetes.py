@@ -608,7 +608,7 @@ class KubernetesAPIEmulator:
         if resource == "pods":
             if run:
                 assert self._kubelet is not None
-                self._kubelet.start(ns, name, meta["uid"])
+                self._kubelet.start(obj)
             else:
                 self._external.add(meta["uid"])
         self._collect_garbage()
