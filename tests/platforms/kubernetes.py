@@ -26,10 +26,12 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -53,12 +55,15 @@ from flame.testing.kubernetes import KubernetesAPIEmulator
 from helpers import RUNNER_ROOTS
 
 JSON = dict[str, Any]
+logger = logging.getLogger("flame.tests.kubernetes")
 
 SHARED_K8S = Path(
     os.environ.get("FLAME_K8S_SCRIPTS") or Path(__file__).resolve().parents[3] / "shared" / "k8s"
 )
 K8S_BIN = Path(os.environ.get("K8S_BIN") or "/tmp/k8sreal/bin")
 PARENT = "flame-parent"
+#: in the plane's state directory: processes of deleted Pods the stand-in kubelet left
+NODE_LEFTOVERS = "flame-node-leftovers.txt"
 FLAME = {LABEL_MANAGED_BY: "flame"}
 #: what "the image" holds: runner Pods see this code through PYTHONPATH
 IMAGE_ENV = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -212,9 +217,17 @@ class ControlPlane:
     def kubelet_pid(self) -> int:
         return int((self.state / "process-kubelet.pid").read_text().strip())
 
-    def processes(self) -> dict[int, str]:
-        """The processes the stand-in kubelet runs for Pods."""
-        return _descendants(self.kubelet_pid())
+    def processes(self) -> dict[int, tuple[str, str, str]]:
+        """``{pid: (namespace, pod name, pod uid)}`` of the processes the stand-in kubelet
+        runs for Pods (told by the log file it gave each: ``NS_NAME_UID.log``)."""
+        found: dict[int, tuple[str, str, str]] = {}
+        for pid in _descendants(self.kubelet_pid()):
+            with contextlib.suppress(OSError):
+                log = os.path.basename(os.readlink(f"/proc/{pid}/fd/1"))
+                parts = log.removesuffix(".log").split("_")
+                if log.endswith(".log") and len(parts) == 3:
+                    found[pid] = (parts[0], parts[1], parts[2])
+        return found
 
     def api(
         self,
@@ -538,6 +551,8 @@ class RealPlane(_Plane):
             self._proxy.kubeconfig(self._dir, self.namespace) if self._proxy else control.kubeconfig
         )
         self._ns_path = f"/api/v1/namespaces/{self.namespace}"
+        #: processes the stand-in kubelet kept running for Pods already deleted (reaped)
+        self.node_leftovers: list[str] = []
         control.ok("POST", "/api/v1/namespaces", {"metadata": {"name": self.namespace}})
         # v1.20 admission wants the service account's token Secret before a Pod may use it
         self.wait_until(lambda: self._token_secret("default") is not None, 30)
@@ -552,6 +567,7 @@ class RealPlane(_Plane):
             if self._proxy is not None:
                 self._proxy.close()
             self.control.api("DELETE", self._ns_path)
+            self.reap(15)  # (the namespace's Pods are deleted with it)
             shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
@@ -659,7 +675,61 @@ class RealPlane(_Plane):
         assert r.status_code == 200, r.text
 
     def processes(self) -> dict[Any, Any]:
-        return self.control.processes()
+        """``{pid: pod name}`` of the processes run for Pods of this namespace."""
+        return {
+            pid: name
+            for pid, (ns, name, _) in self.control.processes().items()
+            if ns == self.namespace
+        }
+
+    def _pods_of(self, live: set[str]) -> dict[int, str]:
+        return {
+            pid: name
+            for pid, (ns, name, uid) in self.control.processes().items()
+            if ns == self.namespace and uid in live
+        }
+
+    def nothing_left(self, timeout: float = 15.0) -> None:
+        """As on the emulator: no runner Pod, Secret, or process of a Pod is left. Then
+        :meth:`reap` what the stand-in kubelet itself may have left."""
+        try:
+            self.wait_until(lambda: not self.runner_objects(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"left behind after {timeout:g} s: {self.runner_objects()}"
+            ) from None
+        live = {p["metadata"]["uid"] for p in self.pods()}
+        try:
+            self.wait_until(lambda: not self._pods_of(live), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"processes of Pods left after {timeout:g} s: {self._pods_of(live)}"
+            ) from None
+        self.reap(3.0)  # the Pods are gone: their processes end at once, or never
+
+    def reap(self, timeout: float) -> None:
+        """Wait (``timeout``) for the processes run for this namespace's deleted Pods to end,
+        then kill those the stand-in kubelet failed to stop, recording them in
+        :attr:`node_leftovers`.
+
+        ``process_kubelet.py`` checks for a Pod's deletion only before it starts the Pod's
+        process, and its later stops return early: a Pod deleted just as its process starts
+        (a cancelled boot) leaves the process running after the Pod is gone. A real kubelet
+        stops the containers of deleted Pods; flame's part, deleting the Pod, was done.
+        """
+        with contextlib.suppress(TimeoutError):
+            self.wait_until(lambda: not self.processes(), timeout)
+        left = self.processes()
+        reaped = [f"{pid} (pod {name}, deleted)" for pid, name in left.items()]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if reaped:
+            self.node_leftovers += reaped
+            logger.warning("the stand-in kubelet left processes of deleted Pods: %s", reaped)
+            # (.ci/tier-kubernetes reports them at the end)
+            with open(self.control.state / NODE_LEFTOVERS, "a") as f:
+                f.writelines(f"{self.namespace}: {item}\n" for item in reaped)
 
     def lose_answer(self, verb: str, resource: str, *, times: int = 1, delay: float = 0.0) -> None:
         self.proxy.add("lose", verb, resource, times, delay)
