@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -690,10 +691,15 @@ class RealPlane(_Plane):
         }
 
     def nothing_left(self, timeout: float = 15.0) -> None:
-        """As on the emulator: no runner Pod, Secret, or process of a Pod is left. Then
-        :meth:`reap` what the stand-in kubelet itself may have left."""
+        """As on the emulator: no runner Pod, Secret, or process of a Pod is left, once
+        what the stand-in kubelet itself failed to stop is reaped (:meth:`reap`)."""
+
+        def gone() -> bool:
+            self._reap(self._stuck())
+            return not self.runner_objects()
+
         try:
-            self.wait_until(lambda: not self.runner_objects(), timeout)
+            self.wait_until(gone, timeout)
         except TimeoutError:
             raise AssertionError(
                 f"left behind after {timeout:g} s: {self.runner_objects()}"
@@ -707,6 +713,22 @@ class RealPlane(_Plane):
             ) from None
         self.reap(3.0)  # the Pods are gone: their processes end at once, or never
 
+    def _stuck(self) -> dict[int, str]:
+        """Processes of Pods whose deletion began longer ago than their grace period (and
+        a margin): the stand-in kubelet no longer stops them."""
+        pods = {p["metadata"]["uid"]: p for p in self.pods()}
+        now = time.time()
+        stuck = {}
+        for pid, (ns, name, uid) in self.control.processes().items():
+            meta = (pods.get(uid) or {}).get("metadata") or {}
+            since = meta.get("deletionTimestamp")
+            if ns != self.namespace or not since:
+                continue
+            began = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            if now - began.timestamp() > float(meta.get("deletionGracePeriodSeconds") or 0) + 3:
+                stuck[pid] = name
+        return stuck
+
     def reap(self, timeout: float) -> None:
         """Wait (``timeout``) for the processes run for this namespace's deleted Pods to end,
         then kill those the stand-in kubelet failed to stop, recording them in
@@ -714,14 +736,17 @@ class RealPlane(_Plane):
 
         ``process_kubelet.py`` checks for a Pod's deletion only before it starts the Pod's
         process, and its later stops return early: a Pod deleted just as its process starts
-        (a cancelled boot) leaves the process running after the Pod is gone. A real kubelet
-        stops the containers of deleted Pods; flame's part, deleting the Pod, was done.
+        (a cancelled boot) keeps that process running, and stays Terminating until the
+        process ends (the stand-in completes a deletion only then). A real kubelet stops the
+        containers of a Pod being deleted; flame's part, deleting the Pod, was done.
         """
         with contextlib.suppress(TimeoutError):
             self.wait_until(lambda: not self.processes(), timeout)
-        left = self.processes()
-        reaped = [f"{pid} (pod {name}, deleted)" for pid, name in left.items()]
-        for pid in left:
+        self._reap(self.processes())
+
+    def _reap(self, processes: Mapping[int, str]) -> None:
+        reaped = [f"{pid} (pod {name}, deleted)" for pid, name in processes.items()]
+        for pid in processes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if reaped:
