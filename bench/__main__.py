@@ -7,8 +7,10 @@ nothing). Peers (loky, Ray, Dask) are measured only when installed
 (``pip install -e '.[bench]'``); ``--no-peers`` leaves them out.
 
 This module owns the core benchmarks (warm round trip, throughput, cold start) and the
-order of the run; the others live in ``bench.peers``, ``bench.burst``, ``bench.payload``
-and ``bench.memory``. Runners import it as the app, so importing it does nothing else.
+order of the run; the others live in ``bench.peers``, ``bench.burst``, ``bench.payload``,
+``bench.memory`` and ``bench.scale`` (the pool at batch scale: the scaling core's cost per
+event, big batches, many idle runners). Runners import it as the app, so importing it does
+nothing else.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def _guarded(group: str, bench: Callable[[], list[Figure]], failures: list[str])
 
 def run(counts: Counts, peers: bool) -> tuple[list[Figure], list[str]]:
     """Every figure, in table order, and the groups of flame's benchmarks that failed."""
-    from . import burst, payload
+    from . import burst, payload, scale
     from . import memory as mem
     from . import peers as peer_mod
 
@@ -186,6 +188,9 @@ def run(counts: Counts, peers: bool) -> tuple[list[Figure], list[str]]:
     figs += _guarded(burst.GROUP, lambda: burst.bench_burst(counts), fails)
     figs += _guarded(payload.GROUP, lambda: payload.bench_payloads(counts), fails)
     figs += _guarded(mem.GROUP, lambda: mem.bench_memory(counts), fails)
+    scaled = _guarded(scale.CORE_GROUP, lambda: scale.bench_scale(counts), fails)
+    figs += scaled
+    fails += [g for g in scale.failures(scaled) if g not in fails]
     if peers:
         # last, so that what a peer leaves in this process cannot touch flame's figures;
         # a peer that fails says so in its rows but does not fail the run

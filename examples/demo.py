@@ -9,6 +9,7 @@ is printed as it happens.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -18,7 +19,9 @@ START = time.monotonic()
 
 
 def say(message: str) -> None:
-    print(f"[{time.monotonic() - START:6.2f}s] {message}", flush=True)
+    # one write per line: callers in several threads say things at once
+    sys.stdout.write(f"[{time.monotonic() - START:6.2f}s] {message}\n")
+    sys.stdout.flush()
 
 
 def count_primes(limit: int) -> tuple[int, str, int]:

@@ -5,6 +5,13 @@ clock, carries out the actions it gets back on its own *model* of the pool (runn
 calls in flight, the FIFO queue of waiters), and checks every SPEC "Pool rules" invariant on
 each action and after each event. The example tests below drive it by hand; the hypothesis
 state machine and the seeded soak drive it with random event sequences.
+
+Every event a ``Sim`` sends also goes to the slow reference model
+(``helpers.scaling_reference``: the core as it was before it was indexed, issue 17), and the
+two must answer with the same actions, in the same order, and end in the same state; the
+core's indexes are audited against a recount after each event. The last part of this file
+does the same on larger pools (dozens of runners, hundreds of waiters), where the indexes
+have more to get wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -38,6 +45,7 @@ from flame._scaling import (
     Scaler,
     Wake,
 )
+from helpers.scaling_reference import ReferenceScaler
 
 DEBOUNCE = 1.0
 B, R, X = RState.BOOTING, RState.READY, RState.RETIRING
@@ -47,11 +55,66 @@ class BootBoom(Exception):
     """The error a simulated boot fails with."""
 
 
+def canon(actions: list[Action]) -> list[Any]:
+    """Actions, with each exception replaced by its type and message (so that two cores'
+    ``RuntimeError("runner went away while booting")`` compare equal)."""
+
+    def plain(v: object) -> object:
+        return (type(v), str(v)) if isinstance(v, BaseException) else v
+
+    out: list[Any] = []
+    for a in actions:
+        if isinstance(a, Fail):
+            out.append((Fail, a.waiter, a.kind, plain(a.cause)))
+        elif isinstance(a, Hook):
+            out.append((Hook, a.name, a.count, plain(a.result)))
+        else:
+            out.append(a)
+    return out
+
+
+def state_of(core: Scaler | ReferenceScaler) -> tuple[Any, ...]:
+    """What a core knows, as plain values: comparable between the core and the reference."""
+    runners = [(r.id, r.state, r.in_flight, r.idle_since, r.grew) for r in core.runners.values()]
+    waiters = [(w.id, w.deadline) for w in core.waiters.values()]
+    return (
+        runners,
+        waiters,
+        core.stopping,
+        core.boot_blocked_until,
+        core.min_released,
+        core._next_runner,
+        core._settled_at,
+    )
+
+
+def same_event(core: Scaler, ref: ReferenceScaler, method: str, *args: Any) -> Any:
+    """Send one event to the core and to the reference; both must answer alike and agree on
+    the state after it (and the core's indexes on a recount). Returns the core's answer."""
+    got = getattr(core, method)(*args)
+    want = getattr(ref, method)(*args)
+    if method == "take":
+        assert got == want, (method, args, got, want)
+    else:
+        assert canon(got) == canon(want), (method, args, got, want)
+    assert state_of(core) == state_of(ref), (method, args)
+    assert (core.count(), core.count(R), core.count(B), core.count(X), core.in_flight()) == (
+        ref.count(),
+        ref.count(R),
+        ref.count(B),
+        ref.count(X),
+        ref.in_flight(),
+    )
+    core._audit()
+    return got
+
+
 class Sim:
     """A model shell around a ``Scaler``: mirrors what the core decided, checks the rules."""
 
     def __init__(self, **cfg: Any) -> None:
         self.s = Scaler(**cfg)
+        self.ref = ReferenceScaler(**cfg)
         self.min: int = self.s.min
         self.min_released = False  # a min runner idled down: min waits for the next caller
         self.max: int = self.s.max
@@ -74,7 +137,7 @@ class Sim:
         self.history: list[tuple[str, object, list[Action]]] = []
         self.boots = 0
         self.max_seen = 0
-        self.run("start", None, lambda: self.s.start(self.now))
+        self.run("start", None, lambda: self.ev("start", self.now))
 
     # -- views of the model -------------------------------------------------------------------
     def ids(self, *states: RState) -> list[int]:
@@ -104,6 +167,11 @@ class Sim:
         return out
 
     # -- events ---------------------------------------------------------------------------------
+    def ev(self, method: str, *args: Any) -> list[Action]:
+        """One event, to the core and to the reference model (which must agree)."""
+        acts: list[Action] = same_event(self.s, self.ref, method, *args)
+        return acts
+
     def advance(self, dt: float) -> None:
         self.now += dt
 
@@ -113,20 +181,20 @@ class Sim:
         dl = None if deadline_in is None else self.now + deadline_in
         self.deadline[w] = dl
         if self.stopped:
-            acts = self.s.request(w, dl, self.now)
+            acts = self.ev("request", w, dl, self.now)
             assert acts == [Fail(w, FailKind.CLOSED)]
             self.outcome[w] = acts[0]
             self.history.append(("request", w, acts))
             return acts
         self.min_released = False
         self.queue.append(w)
-        return self.run("request", w, lambda: self.s.request(w, dl, self.now))
+        return self.run("request", w, lambda: self.ev("request", w, dl, self.now))
 
     def withdraw(self, w: int) -> list[Action]:
         if w in self.queue:
             self.queue.remove(w)
             self.outcome[w] = Fail(w, FailKind.TIMEOUT)  # the caller gave up on its own
-        return self.run("withdraw", w, lambda: self.s.withdraw(w, self.now))
+        return self.run("withdraw", w, lambda: self.ev("withdraw", w, self.now))
 
     def release(self, r: int) -> list[Action]:
         assert self.inflight[r] > 0, "the shell only releases slots it was given"
@@ -134,7 +202,7 @@ class Sim:
         if self.inflight[r] == 0:
             self.idle_since[r] = self.now
         self.served.add(r)
-        return self.run("release", r, lambda: self.s.release(r, self.now))
+        return self.run("release", r, lambda: self.ev("release", r, self.now))
 
     def runner_up(self, r: int) -> list[Action]:
         # a runner retired while booting (stop) may still come up: the shell's race
@@ -143,22 +211,22 @@ class Sim:
             self.state[r] = R  # when stopping, the core retires it at once (checked in run)
             self.idle_since[r] = self.now
         self.was_ready.add(r)
-        return self.run("runner_up", r, lambda: self.s.runner_up(r, self.now))
+        return self.run("runner_up", r, lambda: self.ev("runner_up", r, self.now))
 
     def boot_failed(self, r: int, error: BaseException | None = None) -> list[Action]:
         assert r not in self.was_ready and self.state[r] in (B, X)
         err = error if error is not None else BootBoom(f"runner {r} failed to boot")
         self._forget(r)
         self.blocked_until = self.now + DEBOUNCE
-        return self.run("boot_failed", r, lambda: self.s.boot_failed(r, err, self.now), err)
+        return self.run("boot_failed", r, lambda: self.ev("boot_failed", r, err, self.now), err)
 
     def runner_gone(self, r: int) -> list[Action]:
         booting = self.state[r] is B
         self._forget(r)
         if booting:  # the core treats it as a failed boot
             self.blocked_until = self.now + DEBOUNCE
-            return self.run("boot_failed", r, lambda: self.s.runner_gone(r, self.now), None)
-        return self.run("runner_gone", r, lambda: self.s.runner_gone(r, self.now))
+            return self.run("boot_failed", r, lambda: self.ev("runner_gone", r, self.now), None)
+        return self.run("runner_gone", r, lambda: self.ev("runner_gone", r, self.now))
 
     def idle_request(self, r: int) -> list[Action]:
         expected: Action | None = None
@@ -177,7 +245,7 @@ class Sim:
                         self.min_released = True
                 else:
                     expected = Keep(r, limit - idle_for)
-        acts = self.run("idle_request", r, lambda: self.s.idle_request(r, self.now))
+        acts = self.run("idle_request", r, lambda: self.ev("idle_request", r, self.now))
         mine = [a for a in acts if isinstance(a, Keep | Retire) and a.runner == r]
         if expected is None:
             assert mine == []
@@ -188,15 +256,15 @@ class Sim:
         return acts
 
     def retire(self, r: int) -> list[Action]:
-        return self.run("retire", r, lambda: self.s.retire(r, self.now))
+        return self.run("retire", r, lambda: self.ev("retire", r, self.now))
 
     def tick(self, dt: float = 0.0) -> list[Action]:
         self.now += dt
-        return self.run("tick", None, lambda: self.s.tick(self.now))
+        return self.run("tick", None, lambda: self.ev("tick", self.now))
 
     def stop(self) -> list[Action]:
         self.stopped = True
-        return self.run("stop", None, lambda: self.s.stop(self.now))
+        return self.run("stop", None, lambda: self.ev("stop", self.now))
 
     def _forget(self, r: int) -> None:
         del self.state[r]
@@ -795,6 +863,7 @@ def check_take_agrees(core: Scaler, now: float) -> None:
     fast, slow = copy.deepcopy(core), copy.deepcopy(core)
     before = copy.deepcopy(core)
     rid = fast.take(now)
+    fast._audit()
     if rid is None:
         assert fast == before, "take declined but changed the state"
         return
@@ -926,3 +995,170 @@ ScalerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestScalerMachine = ScalerMachine.TestCase
+
+
+# == the indexed core against the reference model, on larger pools =============================
+#
+# ``Sim`` keeps pools small (max <= 4) so that its rule checks stay readable. The indexes
+# (load heap, deadline heap, counters, their compaction) have more to get wrong with many
+# runners, deep queues, bursts of callers and withdrawals from the middle of the queue; so
+# here a plain driver sends the same valid events to both cores and ``same_event`` compares.
+
+OPS = ("burst", "withdraw", "release", "release_all", "up", "fail", "gone", "idle", "retire")
+OPS += ("tick", "advance", "take", "stop")
+
+
+class Twin:
+    """Sends one shell-valid event at a time to a ``Scaler`` and a ``ReferenceScaler``."""
+
+    def __init__(self, **cfg: Any) -> None:
+        self.core = Scaler(**cfg)
+        self.ref = ReferenceScaler(**cfg)
+        self.now = 0.0
+        self.next_waiter = 0
+        self.was_up: set[int] = set()
+        self.events = 0
+        self.ev("start", self.now)
+
+    def ev(self, method: str, *args: Any) -> Any:
+        self.events += 1
+        return same_event(self.core, self.ref, method, *args)
+
+    def ids(self, pick: Any) -> list[int]:
+        return [r.id for r in self.core.runners.values() if pick(r)]
+
+    def step(self, op: str, n: int) -> None:
+        """Event ``op``, its choices (which runner, how many callers, what deadline) made
+        from ``n``; an event that is not valid in this state becomes a tick."""
+        core = self.core
+        dt = DTS[n % len(DTS)]
+        if op == "burst":
+            for i in range(1 + n % 40):
+                dl = None if (n + i) % 3 == 0 else self.now + DTS[(n + i) % len(DTS)]
+                self.ev("request", self.next_waiter, dl, self.now)
+                self.next_waiter += 1
+            return
+        if op == "withdraw" and self.next_waiter:
+            live = list(core.waiters)
+            w = live[n % len(live)] if live and n % 4 else n % self.next_waiter
+            self.ev("withdraw", w, self.now)
+            return
+        if op in ("release", "release_all"):
+            busy = self.ids(lambda r: r.in_flight > 0)
+            if busy:
+                r = busy[n % len(busy)]
+                for _ in range(core.runners[r].in_flight if op == "release_all" else 1):
+                    self.ev("release", r, self.now)
+                return
+        if op == "up":
+            booting = self.ids(lambda r: r.state is B)
+            if booting:
+                for r in booting[: 1 + n % 4]:  # several come up in a row
+                    self.was_up.add(r)
+                    self.ev("runner_up", r, self.now)
+                return
+        if op == "fail":
+            never = self.ids(lambda r: r.id not in self.was_up and r.state is not R)
+            if never:
+                self.ev("boot_failed", never[n % len(never)], BootBoom("no"), self.now)
+                return
+        if op == "gone":
+            gone = self.ids(lambda r: r.id in self.was_up or r.state is B)
+            if gone:
+                self.ev("runner_gone", gone[n % len(gone)], self.now)
+                return
+        if op in ("idle", "retire"):
+            ready = self.ids(lambda r: r.state is R)
+            if ready:
+                self.ev(
+                    "idle_request" if op == "idle" else "retire", ready[n % len(ready)], self.now
+                )
+                return
+        if op == "take":
+            self.ev("take", self.now)
+            return
+        if op == "advance":
+            self.now += dt
+            return
+        if op == "stop" and n % 50 == 0:
+            self.ev("stop", self.now)
+            return
+        self.now += dt
+        self.ev("tick", self.now)
+
+
+def big_config(n: int) -> dict[str, Any]:
+    mx = 1 + n % 60
+    return {
+        "min": (n // 7) % (mx + 1),
+        "max": mx,
+        "max_concurrency": 1 + (n // 11) % 6,
+        "single_use": (n // 13) % 5 == 0,
+        "idle_shutdown_after": [None, 0.0, 1.0, 5.0, 30.0][(n // 17) % 5],
+        "min_idle_shutdown_after": [None, None, 2.0, 20.0][(n // 19) % 4],
+        "boot_ahead": [0, 0, 1, 3, 8][(n // 23) % 5],
+    }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cfg=st.integers(0, 10**6),
+    ops=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 10**6)), max_size=120),
+)
+def test_indexed_core_matches_reference_on_random_histories(
+    cfg: int, ops: list[tuple[str, int]]
+) -> None:
+    twin = Twin(**big_config(cfg))
+    for op, n in ops:
+        twin.step(op, n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_indexed_core_matches_reference_on_long_histories(seed: int) -> None:
+    """Longer seeded histories, weighted towards bursts and releases, so that queues reach
+    hundreds of waiters."""
+    rng = random.Random(5000 + seed)
+    twin = Twin(**big_config(rng.randrange(10**6)))
+    weights = [6, 2, 6, 2, 3, 1, 1, 1, 1, 2, 2, 2, 0]
+    for _ in range(500):
+        twin.step(rng.choices(OPS, weights)[0], rng.randrange(10**6))
+    twin.ev("stop", twin.now)
+
+
+def test_heaps_are_compacted_under_churn() -> None:
+    """Served and withdrawn waiters leave stale deadline entries, and every change of a
+    runner's load a stale load entry: both heaps are rebuilt before the stale entries
+    outnumber the live ones (``_audit`` checks the bound after every event), and the
+    answers stay the reference's."""
+    twin = Twin(min=20, max=20, max_concurrency=6, idle_shutdown_after=None)
+    twin.step("up", 3)
+    while any(r.state is B for r in twin.core.runners.values()):
+        twin.step("up", 3)
+    rng = random.Random(7)
+    rebuilt = {"load": 0, "deadlines": 0}
+    for name in rebuilt:
+        method = getattr(twin.core, f"_rebuild_{name}")
+
+        def counting(method: Any = method, name: str = name) -> None:
+            rebuilt[name] += 1
+            method()
+
+        setattr(twin.core, f"_rebuild_{name}", counting)
+    for _ in range(30):
+        # callers queue up behind full runners, each one's deadline earlier than the last,
+        # so the served ones' entries sink below the live ones instead of reaching the top
+        for i in range(60):
+            twin.ev("request", twin.next_waiter, twin.now + 1000.0 - i, twin.now)
+            twin.next_waiter += 1
+        for _ in range(40):  # slots free one at a time, each taken by the next in line
+            twin.step("release", rng.randrange(10**6))
+        for _ in range(10):  # and some leave from the middle of the queue
+            twin.step("withdraw", 1 + rng.randrange(10**6) * 4)
+    while twin.core.waiters:
+        twin.step("release_all", rng.randrange(10**6))
+    for _ in range(3):  # no queue: the hot path fills every slot, then all are freed
+        while twin.ev("take", twin.now) is not None:
+            pass
+        while twin.core.in_flight():
+            twin.step("release", rng.randrange(10**6))
+    assert rebuilt["load"] > 0 and rebuilt["deadlines"] > 0, rebuilt

@@ -25,11 +25,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _serialize, _wire
+from . import _loop, _serialize, _wire
 from ._errors import CallTimeout, ChildEnded, RunnerLost, SerializationError
 from ._link import Section
 from ._record import Form, Kind, Pending, Status, cancelled, decode
@@ -38,6 +38,13 @@ from ._sentinel import DEFAULT
 
 logger = logging.getLogger("flame")
 _BIG_SEND = 256 * 1024  # larger frames are written from a worker thread, not an event loop
+
+
+class Queued(Protocol):
+    """An asyncio caller's place in a pool's queue."""
+
+    @property
+    def future(self) -> asyncio.Future[None]: ...
 
 
 class CallTarget(Protocol):
@@ -56,13 +63,24 @@ class CallTarget(Protocol):
     @property
     def pickles_calls(self) -> bool: ...
 
+    @property
+    def started(self) -> bool: ...
+
     def ensure_started(self) -> None: ...
 
     async def aensure_started(self) -> None: ...
 
     def checkout(self, deadline: float | None) -> Runner: ...
 
-    async def acheckout(self, deadline: float | None) -> Runner: ...
+    def acheckout(self, deadline: float | None) -> Runner | Queued: ...
+
+    def give_up(self, queued: Any) -> None: ...
+
+    def outcome(self, queued: Any) -> Runner: ...
+
+    def checkout_later(
+        self, deadline: float | None, then: Callable[[Runner | None, BaseException | None], None]
+    ) -> None: ...
 
 
 # -- the steps that wait, as the skeleton yields them -----------------------------------------
@@ -96,13 +114,6 @@ class _Wait:
 
 
 _Step = _Start | _Checkout | _Send | _Wait
-
-
-class _Unencoded:
-    """Marks a call not pickled yet (``None`` is a call that is never pickled)."""
-
-
-UNENCODED = _Unencoded()
 Skeleton = Generator[_Step, Any, Any]
 
 
@@ -115,18 +126,15 @@ def _skeleton(
     link: bool,
     *,
     loop: asyncio.AbstractEventLoop | None = None,
-    cast: bool = False,
     child: Child | None = None,
-    section: Section | _Unencoded = UNENCODED,
 ) -> Skeleton:
     """One call, from start to outcome (see the module's docstring). ``kind`` says which:
-    a call or cast, placing a child (the result is the :class:`Child`), or a call on
-    ``child``. ``loop``: the asyncio caller's loop (``None`` for a thread). ``section``: the
-    call, if it was pickled already."""
+    a call, placing a child (the result is the :class:`Child`), or a call on ``child``.
+    ``loop``: the asyncio caller's loop (``None`` for a thread)."""
     if child is None:
-        yield _Start(pool)
-        if isinstance(section, _Unencoded):
-            section = encode_call(pool, fn, args)
+        if not pool.started:
+            yield _Start(pool)
+        section = encode_call(pool, fn, args)
         wait_deadline, overall, default_run = _plan(pool, timeout)
         runner: Runner = yield _Checkout(pool, wait_deadline)
         limit = _run_timeout(overall, default_run)
@@ -142,12 +150,14 @@ def _skeleton(
         placed = Child(pool, runner, pending.call_id, link)
         runner.children[pending.call_id] = placed
         flags |= _wire.FLAG_CHILD
-    elif cast:
-        flags |= _wire.FLAG_CAST
     run_limit = None if kind is Kind.PLACE else limit  # a child lives on after it is built
     child_id = child._id if child is not None else 0
+    send = _Send(runner, pending, flags, run_limit, fn, args, section, child_id)
     try:
-        yield _Send(runner, pending, flags, run_limit, fn, args, section, child_id)
+        if _section_size(section) > _BIG_SEND:
+            yield send  # the async driver writes a large frame from a worker thread
+        else:
+            _send(send)
     except BaseException:
         runner.abort(pending.call_id)
         raise
@@ -163,8 +173,6 @@ def _skeleton(
     if placed is not None:
         pending.value()  # raises what the factory raised
         return placed
-    if cast and pending.form is not Form.LOST and pending.status is Status.OK:
-        return None  # nobody reads a cast's value: do not unpickle it
     return pending.value()
 
 
@@ -196,16 +204,16 @@ def run_sync(skeleton: Skeleton) -> Any:
     try:
         while True:
             try:
-                if isinstance(step, _Start):
-                    step.pool.ensure_started()
-                    answer: Any = None
+                if isinstance(step, _Wait):
+                    answer: Any = step.pending.wait(step.timeout)
                 elif isinstance(step, _Checkout):
                     answer = step.pool.checkout(step.deadline)
                 elif isinstance(step, _Send):
                     _send(step)
                     answer = None
                 else:
-                    answer = step.pending.wait(step.timeout)
+                    step.pool.ensure_started()
+                    answer = None
             except BaseException as exc:
                 step = skeleton.throw(exc)
             else:
@@ -220,19 +228,24 @@ async def run_async(skeleton: Skeleton) -> Any:
     try:
         while True:
             try:
-                if isinstance(step, _Start):
-                    await step.pool.aensure_started()
-                    answer: Any = None
+                if isinstance(step, _Wait):
+                    answer: Any = await step.pending.wait_async(step.timeout)
                 elif isinstance(step, _Checkout):
-                    answer = await step.pool.acheckout(step.deadline)
-                elif isinstance(step, _Send):
-                    if _section_size(step.section) > _BIG_SEND:
-                        await asyncio.to_thread(_send, step)
-                    else:
-                        _send(step)
+                    got = step.pool.acheckout(step.deadline)
+                    if not isinstance(got, Runner):  # queued: the future, and no frame
+                        try:
+                            await got.future
+                        except BaseException:
+                            step.pool.give_up(got)
+                            raise
+                        got = step.pool.outcome(got)
+                    answer = got
+                elif isinstance(step, _Send):  # a large frame: not from the event loop
+                    await asyncio.to_thread(_send, step)
                     answer = None
                 else:
-                    answer = await step.pending.wait_async(step.timeout)
+                    await step.pool.aensure_started()
+                    answer = None
             except BaseException as exc:
                 step = skeleton.throw(exc)
             else:
@@ -302,9 +315,12 @@ def call(pool: CallTarget, fn: Any, args: tuple[Any, ...], timeout: Any, link: b
     return run_sync(_skeleton(pool, Kind.CALL, fn, args, timeout, link))
 
 
-async def acall(pool: CallTarget, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool) -> Any:
+def acall(
+    pool: CallTarget, fn: Any, args: tuple[Any, ...], timeout: Any, link: bool
+) -> Coroutine[Any, Any, Any]:
+    """The coroutine of an ``acall`` (no frame of its own: a queued call costs little)."""
     loop = asyncio.get_running_loop()
-    return await run_async(_skeleton(pool, Kind.CALL, fn, args, timeout, link, loop=loop))
+    return run_async(_skeleton(pool, Kind.CALL, fn, args, timeout, link, loop=loop))
 
 
 def place_child(
@@ -323,31 +339,66 @@ async def aplace_child(
     return child
 
 
-_casts: set[asyncio.Task[None]] = set()
-
-
 def cast(pool: CallTarget, fn: Any, args: tuple[Any, ...], link: bool) -> None:
     pool.ensure_started()
-    section = encode_call(pool, fn, args)  # a SerializationError is raised here, at once
-    loop = pool.loop
+    _Cast(pool, fn, args, link).queue()
 
-    async def run() -> None:
-        skeleton = _skeleton(
-            pool, Kind.CALL, fn, args, DEFAULT, link, loop=loop, cast=True, section=section
+
+class _Cast:
+    """A call nobody waits for. Queued, it is a waiter of the pool with this object to call
+    once a slot is its own (no task, no thread, no timer: a few hundred bytes); in flight, a
+    ``Pending`` whose outcome is looked at on the pool's loop only to log a failure. Its run
+    time is bounded on the runner (the pool's ``timeout``), and a lost runner fails it like
+    any call. The call is pickled at once, so a ``SerializationError`` is the caller's."""
+
+    __slots__ = ("args", "flags", "fn", "link", "pool", "section")
+
+    def __init__(self, pool: CallTarget, fn: Any, args: tuple[Any, ...], link: bool) -> None:
+        self.pool, self.fn, self.args, self.link = pool, fn, args, link
+        self.section = encode_call(pool, fn, args)
+        self.flags = _wire.FLAG_CAST | (_wire.FLAG_LINK if link else 0)
+
+    def queue(self) -> None:
+        self.pool.checkout_later(time.monotonic() + self.pool.boot_timeout, self.assigned)
+
+    def assigned(self, runner: Runner | None, error: BaseException | None) -> None:
+        if runner is None:
+            self.failed(error or RuntimeError("no runner"))
+            return
+        pending = Pending(
+            runner, runner.next_id(), Kind.CALL, self.pool.loop, linked=self.link, then=self.done
         )
+        runner.register(pending)
+        if _section_size(self.section) > _BIG_SEND and _loop.in_loop_thread():
+            self.pool.loop.run_in_executor(None, self.send, runner, pending)  # not on the loop
+        else:
+            self.send(runner, pending)
+
+    def send(self, runner: Runner, pending: Pending) -> None:
         try:
-            await run_async(skeleton)
-        except Exception as exc:
-            logger.error(
-                "flame.cast of %s on pool %r failed: %s", _name(fn), pool.name, exc, exc_info=exc
+            runner.send_call(
+                pending.call_id, self.flags, self.pool.timeout, self.fn, self.args, self.section
             )
+        except Exception as exc:
+            runner.abort(pending.call_id)
+            self.failed(exc)
 
-    def start() -> None:
-        task = loop.create_task(run())
-        _casts.add(task)
-        task.add_done_callback(_casts.discard)
+    def done(self, pending: Pending) -> None:
+        pending.settle()
+        if pending.form is Form.LOST or pending.status is not Status.OK:
+            try:
+                pending.value()
+            except Exception as exc:
+                self.failed(exc)
 
-    loop.call_soon_threadsafe(start)
+    def failed(self, exc: BaseException) -> None:
+        logger.error(
+            "flame.cast of %s on pool %r failed: %s",
+            _name(self.fn),
+            self.pool.name,
+            exc,
+            exc_info=exc,
+        )
 
 
 # -- placed children -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import threading
@@ -28,6 +29,7 @@ from . import _calls, _lifecycle, _loop, _parent, _scaling, _tls
 from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
+from ._record import Wakes, wake_all
 from ._runner import Runner, RunnerSpec
 from ._sentinel import DEFAULT as _DEFAULT
 from ._settings import resolve_backend, settings
@@ -68,44 +70,52 @@ class PoolStats:
 
 
 class _Waiter:
-    """A caller waiting for a runner: sync (a lock) or async (a future on its loop)."""
+    """A caller waiting for a runner: a thread (a lock it blocks on), an asyncio task (a
+    future on its loop), or a cast (a function called on the pool's loop, no task at all)."""
 
-    __slots__ = ("_fut", "_lock", "_loop", "done", "error", "runner")
+    __slots__ = ("_fut", "_lock", "_loop", "_then", "done", "error", "runner", "wid")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        then: Callable[[Runner | None, BaseException | None], None] | None = None,
+    ) -> None:
         self.done = False
+        self.wid = 0  # its number in the pool's queue
         self.runner: Runner | None = None
         self.error: BaseException | None = None
         self._loop = loop
+        self._then = then
         self._fut: asyncio.Future[None] | None = None
         self._lock: threading.Lock | None = None
         if loop is None:
             self._lock = threading.Lock()
             self._lock.acquire()
-        else:
+        elif then is None:
             self._fut = loop.create_future()
 
-    def _set(self) -> None:  # under the pool lock
+    def _set(self, wakes: Wakes) -> None:  # under the pool lock
         self.done = True
         if self._lock is not None:
             self._lock.release()
-        elif self._fut is not None and self._loop is not None:
-            fut = self._fut
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_set_none, fut)
+        elif self._loop is not None:  # woken with the others of the same events, per loop
+            item: Any = self._fut
+            if self._then is not None:
+                item = functools.partial(self._then, self.runner, self.error)
+            wakes.setdefault(self._loop, []).append(item)
 
-    def assign(self, runner: Runner) -> None:
+    def assign(self, runner: Runner, wakes: Wakes) -> None:
         self.runner = runner
-        self._set()
+        self._set(wakes)
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, wakes: Wakes) -> None:
         self.error = error
-        self._set()
+        self._set(wakes)
 
-
-def _set_none(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+    @property
+    def future(self) -> asyncio.Future[None]:
+        assert self._fut is not None
+        return self._fut
 
 
 def _check_time(name: str, value: Any, *, allow_none: bool) -> float | None:
@@ -255,7 +265,8 @@ class Pool:
         self._next_waiter = 0
         self._state = "new"
         self._wake: asyncio.TimerHandle | None = None
-        self._wake_at = math.inf
+        self._wake_at = math.inf  # when the timer is set for (loop thread)
+        self._wake_asked = math.inf  # the earliest Wake asked of the loop (under the lock)
         self._stopped: asyncio.Event | None = None
         self._gone_event: asyncio.Event | None = None
         self._start_lock = threading.Lock()
@@ -336,6 +347,11 @@ class Pool:
                     f"pool {self.name!r} could not boot its min={self.min} runners: {error}"
                 ) from error
         self._log(f"pool {self.name!r} started ({self.backend.name} backend)")
+
+    @property
+    def started(self) -> bool:
+        """Whether the pool is started (and not stopping)."""
+        return self._state == "started"
 
     def ensure_started(self) -> None:
         if self._state == "started":
@@ -441,7 +457,7 @@ class Pool:
         self._start_lock = threading.Lock()
         self._core = self._new_core()
         self._runners, self._waiters, self._boot_tasks = {}, {}, {}
-        self._wake, self._wake_at = None, math.inf
+        self._wake, self._wake_at, self._wake_asked = None, math.inf, math.inf
         self._stopped = self._gone_event = None
         if self._state != "stopped":
             self._state = "new"
@@ -539,33 +555,32 @@ class Pool:
         return self.backend.pickles_calls
 
     # -- checkout ---------------------------------------------------------------------------------
-    def _enqueue(
-        self, deadline: float | None, loop: asyncio.AbstractEventLoop | None
-    ) -> tuple[int, _Waiter]:
+    def _enqueue(self, deadline: float | None, loop: asyncio.AbstractEventLoop | None) -> _Waiter:
         w = _Waiter(loop)
         with self._lock:
             self._check_taking_calls()
             self._next_waiter += 1
-            wid = self._next_waiter
+            wid = w.wid = self._next_waiter
             self._waiters[wid] = w
             self._apply(self._core.request(wid, deadline, time.monotonic()))
-        return wid, w
+        return w
 
     def _check_taking_calls(self) -> None:
         if self._state != "started":
             raise PoolClosed(f"pool {self.name!r} is stopped and takes no more calls")
 
-    def _give_up(self, wid: int, w: _Waiter) -> None:
+    def give_up(self, w: _Waiter) -> None:
         """The caller stopped waiting; give back a runner it was handed meanwhile."""
         with self._lock:
             if not w.done:
-                self._waiters.pop(wid, None)
-                self._apply(self._core.withdraw(wid, time.monotonic()))
+                self._waiters.pop(w.wid, None)
+                self._apply(self._core.withdraw(w.wid, time.monotonic()))
                 return
         if w.runner is not None:
             self.release(w.runner)
 
-    def _outcome(self, w: _Waiter) -> Runner:
+    def outcome(self, w: _Waiter) -> Runner:
+        """The runner a waiter was handed, or the error it got (its deadline passed...)."""
         if w.runner is not None:
             return w.runner
         if w.error is not None:
@@ -599,42 +614,51 @@ class Pool:
         runner = self._take()
         if runner is not None:
             return runner
-        wid, w = self._enqueue(deadline, None)
+        w = self._enqueue(deadline, None)
         if not w.done:
             timeout = None if deadline is None else deadline - time.monotonic() + 0.05
             try:
                 got = w._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))  # type: ignore[union-attr]
             except BaseException:
-                self._give_up(wid, w)
+                self.give_up(w)
                 raise
             if not got:
-                self._give_up(wid, w)
+                self.give_up(w)
                 if not w.done:
                     raise self._timeout_error()
-        return self._outcome(w)
+        return self.outcome(w)
 
-    async def acheckout(self, deadline: float | None) -> Runner:
-        """Await a runner slot (asyncio callers)."""
+    def acheckout(self, deadline: float | None) -> Runner | _Waiter:
+        """A runner slot for an asyncio caller: the runner, if one is free at once, else its
+        place in the queue: await its ``future``, then ask :meth:`outcome` (or
+        :meth:`give_up`). No timer of its own: the core fails the caller at its deadline,
+        on the pool's one timer; and no coroutine frame while it waits."""
         runner = self._take()
         if runner is not None:
             return runner
-        wid, w = self._enqueue(deadline, asyncio.get_running_loop())
-        if not w.done:
-            assert w._fut is not None
-            timeout = None if deadline is None else deadline - time.monotonic() + 0.05
-            try:
-                await asyncio.wait_for(asyncio.shield(w._fut), timeout)
-            except TimeoutError:
-                self._give_up(wid, w)
-                if not w.done:
-                    raise self._timeout_error() from None
-            except BaseException:
-                self._give_up(wid, w)
-                raise
-        return self._outcome(w)
+        return self._enqueue(deadline, asyncio.get_running_loop())
+
+    def checkout_later(
+        self, deadline: float | None, then: Callable[[Runner | None, BaseException | None], None]
+    ) -> None:
+        """Get a runner slot without waiting for it: ``then(runner, None)`` once it is ours,
+        or ``then(None, error)``; on the pool's loop, or in this thread if a slot is free at
+        once. A queued cast costs a waiter, not a task."""
+        runner = self._take()
+        if runner is not None:
+            then(runner, None)
+            return
+        w = _Waiter(self.loop, then)
+        with self._lock:
+            self._check_taking_calls()
+            self._next_waiter += 1
+            w.wid = self._next_waiter
+            self._waiters[w.wid] = w
+            self._apply(self._core.request(w.wid, deadline, time.monotonic()))
 
     # -- carrying out the core's decisions (under self._lock) -------------------------------
     def _apply(self, actions: list[_scaling.Action]) -> None:
+        wakes: Wakes = {}
         for a in actions:
             if isinstance(a, _scaling.Assign):
                 waiter = self._waiters.pop(a.waiter, None)
@@ -643,11 +667,11 @@ class Pool:
                     # the caller left in the same instant: give the slot back
                     self.loop.call_soon_threadsafe(self._release_id, a.runner)
                     continue
-                waiter.assign(runner)
+                waiter.assign(runner, wakes)
             elif isinstance(a, _scaling.Fail):
                 waiter = self._waiters.pop(a.waiter, None)
                 if waiter is not None:
-                    waiter.fail(self._fail_error(a))
+                    waiter.fail(self._fail_error(a), wakes)
             elif isinstance(a, _scaling.Boot):
                 runner = Runner(self, a.runner, self._runner_spec())
                 self._runners[a.runner] = runner
@@ -661,8 +685,12 @@ class Pool:
                     runner.keep(a.retry_after)
             elif isinstance(a, _scaling.Hook):
                 self.loop.call_soon_threadsafe(self._run_hook, a)
-            elif isinstance(a, _scaling.Wake):
+            elif isinstance(a, _scaling.Wake) and a.at < self._wake_asked:
+                # one timer per pool, for the earliest time asked: a later one comes anyway
+                self._wake_asked = a.at
                 self.loop.call_soon_threadsafe(self._schedule_wake, a.at)
+        if wakes:
+            wake_all(wakes)
 
     def _fail_error(self, a: _scaling.Fail) -> BaseException:
         if a.kind is _scaling.FailKind.CLOSED:
@@ -773,6 +801,7 @@ class Pool:
         self._wake = None
         self._wake_at = math.inf
         with self._lock:
+            self._wake_asked = math.inf
             if self._state == "started":
                 self._apply(self._core.tick(time.monotonic()))
 

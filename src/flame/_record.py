@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _serialize, _wire
@@ -156,8 +158,9 @@ def _remote_exception(blob: bytes | None, type_name: str, message: str, tb: str)
 # -- one call in flight --------------------------------------------------------------------------
 _resolve_lock = threading.Lock()
 
-#: asyncio callers to wake, collected while a batch of frames is handled: one wake-up per loop
-Wakes = dict[asyncio.AbstractEventLoop, list["asyncio.Future[None]"]]
+#: what to wake on each loop, collected while a batch of frames (or of pool events) is
+#: handled, so that each loop is woken once: futures to resolve, or functions to call
+Wakes = dict[asyncio.AbstractEventLoop, list[Any]]
 
 
 class Pending:
@@ -167,6 +170,7 @@ class Pending:
         "_fut",
         "_lock",
         "_loop",
+        "_then",
         "abandoned",
         "call_id",
         "done",
@@ -186,6 +190,7 @@ class Pending:
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         linked: bool = True,
+        then: Callable[[Pending], None] | None = None,
     ) -> None:
         self.runner = runner
         self.call_id = call_id
@@ -197,11 +202,15 @@ class Pending:
         self.status = Status.CANCELLED
         self.payload: Any = None
         self._loop = loop
-        self._fut: asyncio.Future[None] | None = loop.create_future() if loop else None
+        #: called on ``loop`` once resolved (a cast: nobody waits, no future is made)
+        self._then = then
+        self._fut: asyncio.Future[None] | None = None
         self._lock: threading.Lock | None = None
         if loop is None:
             self._lock = threading.Lock()
             self._lock.acquire()
+        elif then is None:
+            self._fut = loop.create_future()
 
     def resolve(self, form: Form, status: Status, payload: Any, wakes: Wakes | None = None) -> None:
         """Deliver the outcome. The slot bookkeeping (:meth:`settle`) is left to the caller,
@@ -219,12 +228,13 @@ class Pending:
             return
         if self._lock is not None:
             self._lock.release()
-        elif self._fut is not None and self._loop is not None:
+        elif self._loop is not None:
+            item: Any = self._fut if self._then is None else functools.partial(self._then, self)
             if wakes is not None:
-                wakes.setdefault(self._loop, []).append(self._fut)
+                wakes.setdefault(self._loop, []).append(item)
                 return
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                self._loop.call_soon_threadsafe(_set_none, self._fut)
+                self._loop.call_soon_threadsafe(_set_all, [item])
 
     def lose(self, message: str) -> None:
         self.resolve(Form.LOST, Status.CANCELLED, message)
@@ -264,11 +274,6 @@ class Pending:
         return True
 
 
-def _set_none(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def wake_all(wakes: Wakes) -> None:
     """Wake the asyncio callers collected by :meth:`Pending.resolve`: one wake-up per loop."""
     for loop, futs in wakes.items():
@@ -276,7 +281,10 @@ def wake_all(wakes: Wakes) -> None:
             loop.call_soon_threadsafe(_set_all, futs)
 
 
-def _set_all(futs: list[asyncio.Future[None]]) -> None:
-    for fut in futs:
-        if not fut.done():
-            fut.set_result(None)
+def _set_all(items: list[Any]) -> None:
+    for item in items:
+        if isinstance(item, asyncio.Future):
+            if not item.done():
+                item.set_result(None)
+        else:
+            item()
