@@ -120,6 +120,12 @@ BACKENDS: dict[str, BackendFactory] = {
 }
 
 
+def _kubernetes_real(stacks: Stacks) -> Callable[[], flame.Backend]:
+    from platforms.kubernetes import kubernetes_real  # a real control plane (.ci/tier-kubernetes)
+
+    return kubernetes_real(stacks)
+
+
 def _docker(stacks: Stacks) -> Callable[[], flame.Backend]:
     from platforms.docker import backend_factory  # a real engine (.ci/tier-docker)
 
@@ -129,7 +135,10 @@ def _docker(stacks: Stacks) -> Callable[[], flame.Backend]:
 #: backends that need a real service (a platform tier of ``.ci/run``), selected only by
 #: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
 #: service cannot start here
-PLATFORMS: dict[str, BackendFactory] = {"docker": _docker}
+PLATFORMS: dict[str, BackendFactory] = {
+    "docker": _docker,
+    "kubernetes-real": _kubernetes_real,
+}
 
 
 def selected_backends() -> list[str]:

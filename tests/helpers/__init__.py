@@ -3,7 +3,8 @@
 * :func:`wait_until`: poll a predicate with a deadline, for states that cannot be awaited
   (a process exiting, a file a runner writes, a pool's stats settling);
 * process checks on Linux ``/proc`` (psutil is not a dependency): :func:`pid_alive`,
-  :func:`runner_pids` (live ``flame runner`` processes below this one),
+  :func:`runner_pids` (live ``flame runner`` processes below this one, or below a
+  platform's node agent registered in :data:`RUNNER_ROOTS`),
   :func:`assert_pids_gone`.
 
 Nothing here imports flame or starts threads, so a runner that imports it pays nothing.
@@ -73,9 +74,15 @@ def _is_runner(pid: int) -> bool:
     )
 
 
+#: other processes whose runners are this test run's: a real platform's node agent (the
+#: stand-in kubelet of the real Kubernetes plane) starts runners that are not our children
+RUNNER_ROOTS: set[int] = set()
+
+
 def runner_pids(root: int | None = None) -> set[int]:
-    """Pids of live ``flame runner`` processes descending from ``root`` (default: us)."""
-    root = os.getpid() if root is None else root
+    """Pids of live ``flame runner`` processes descending from ``root`` (default: us, and
+    the processes in :data:`RUNNER_ROOTS`)."""
+    roots = [os.getpid(), *RUNNER_ROOTS] if root is None else [root]
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -85,7 +92,7 @@ def runner_pids(root: int | None = None) -> set[int]:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
     found: set[int] = set()
-    stack = list(children.get(root, ()))
+    stack = [child for r in roots for child in children.get(r, ())]
     while stack:
         pid = stack.pop()
         if _is_runner(pid):
@@ -110,4 +117,4 @@ def describe(value: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-__all__ = ["assert_pids_gone", "describe", "pid_alive", "runner_pids", "wait_until"]
+__all__ = ["RUNNER_ROOTS", "assert_pids_gone", "describe", "pid_alive", "runner_pids", "wait_until"]

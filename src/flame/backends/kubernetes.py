@@ -11,7 +11,9 @@ reads its spec once. A runner Pod is a *trimmed* copy of it: the app container's
 image pull secrets, scheduling constraints and its config-like volumes (ConfigMaps, Secrets,
 projected, downward API, emptyDir). It does not copy the parent's labels (a Service or
 ReplicaSet selecting the parent must not select runners), probes, ports, lifecycle hooks,
-init containers, sidecars or persistent volumes. The command is the runner's
+init containers, sidecars (unless named in ``keep_containers``) or persistent volumes: with
+``restartPolicy: Never`` a sidecar would keep a finished runner's Pod running, so a runner's
+end is read from its own container's status. The command is the runner's
 (``python -m flame runner``), ``restartPolicy`` is ``Never``, and an ``ownerReference`` to the
 parent Pod (``controller: true``, so no controller can adopt it) lets the cluster's garbage
 collector delete the runner when the parent goes away, even if the parent dies without
@@ -24,14 +26,23 @@ the Pod with ``valueFrom.secretKeyRef``. So at every moment the Secret has a liv
 collected with its runner (or with the parent, if the parent dies in between), and is also
 deleted explicitly by :meth:`PodHandle.stop`. The parent never reads Secrets.
 
+Nothing is left behind when answers get lost. The backend names the Pod and the Secret
+itself (:func:`runner_names`) before asking for them, so a request that failed in a way that
+may have taken effect (a dropped connection, a timeout, a 5xx) is repeated as it was: a
+create answered 409 AlreadyExists then means the earlier attempt made it. Whatever a failed
+or cancelled boot may have created is deleted by name. And the first boot of each backend
+sweeps the namespace for runner Pods whose parent Pod is gone (or that an earlier process of
+this parent left finished), which the garbage collector misses after ``--cascade=orphan``.
+
 Life of a runner Pod::
 
-    boot()   create Secret (owner: parent Pod) -> create Pod -> re-own Secret (owner: runner Pod)
-             on any failure or cancellation: delete whatever was created, raise BootError
-    wait()   GET the Pod, then watch it; resolve with a description when it is deleted, has
-             Succeeded/Failed, cannot pull its image or build its container, or is
-             Unschedulable (unless wait_for_capacity=True)
-    stop()   delete the Pod and the Secret; 404 is success; idempotent
+    boot()   pick names -> create Secret (owner: parent Pod) -> create Pod
+             -> re-own Secret (owner: runner Pod); each step retried on ambiguous failures;
+             on any failure or cancellation: delete both by name, raise BootError
+    wait()   GET the Pod, then watch it; resolve with a description when it is deleted, its
+             runner container has ended (or the Pod Succeeded/Failed), cannot pull its image
+             or build its container, or is Unschedulable (unless wait_for_capacity=True)
+    stop()   delete the Pod and the Secret; 404 is success; retried; idempotent
 """
 
 from __future__ import annotations
@@ -43,9 +54,11 @@ import copy
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import sys
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _redact
@@ -69,7 +82,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_POOL = "flame-py/pool"
 LABEL_RUNNER = "flame-py/runner-id"
 LABEL_PARENT = "flame-py/parent"
+LABEL_PARENT_UID = "flame-py/parent-uid"
+LABEL_INSTANCE = "flame-py/instance"
 ANNOTATION_POOL = "flame-py/pool"
+ANNOTATION_PARENT = "flame-py/parent"
 
 _INSTALL_HINT = "KubernetesBackend needs lightkube: pip install 'flame-py[kubernetes]'"
 _RBAC_HINT = "the parent's service account needs the Role in docs/backends/kubernetes.md"
@@ -110,6 +126,10 @@ _FATAL_WAITING = frozenset(
     }
 )
 _RETRY_DELAY = 1.0  # seconds between attempts to re-establish a broken watch
+_ATTEMPTS = 3  # tries of one API request that failed in a way worth retrying
+_RETRY_AFTER_MAX = 2.0  # the most a server's retryAfterSeconds delays a retry here
+_NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet Kubernetes uses for generateName
+_FINISHED = ("Succeeded", "Failed")
 _WATCH_SERVER_TIMEOUT = 60  # the API server ends each watch after this; lightkube resumes it
 _LOG_TAIL_LINES = 20
 _ACLOSE_WAIT = 30.0  # seconds aclose() waits for deletions under way
@@ -137,12 +157,36 @@ def _label_value(text: str) -> str:
 
 
 def _name_prefix(parent_name: str) -> str:
-    """``generateName`` of runner Pods: the parent's name (shortened), then ``-flame-``.
+    """The start of runner Pod names: the parent's name (shortened), then ``-flame-``.
 
-    Kept short enough that the generated name (5 more characters) is a valid hostname.
+    Kept short enough that the whole name (8 more characters) is a valid host name.
     """
-    base = re.sub(r"[^a-z0-9-]", "-", parent_name.lower())[:50].strip("-") or "flame"
+    base = re.sub(r"[^a-z0-9-]", "-", parent_name.lower())[:48].strip("-") or "flame"
     return f"{base}-flame-"
+
+
+def runner_names(parent_name: str) -> tuple[str, str]:
+    """Fresh names for a runner's Pod and Secret: ``<parent>-flame-<8 random>`` and
+    ``<parent>-flame-secret-<the same 8>``.
+
+    The backend picks names itself (no ``generateName``) so that it knows them before it
+    asks: a create whose answer is lost can be repeated (the second answer is 201 or 409,
+    both meaning the object exists) and anything left by a failed boot deleted by name.
+    """
+    token = "".join(secrets.choice(_NAME_CHARS) for _ in range(8))
+    prefix = _name_prefix(parent_name)
+    return prefix + token, prefix + "secret-" + token
+
+
+_instance: tuple[int, str] | None = None
+
+
+def _process_instance() -> str:
+    """A random id of this process (a new one after ``fork``), labelling the runners it boots."""
+    global _instance
+    if _instance is None or _instance[0] != os.getpid():
+        _instance = (os.getpid(), secrets.token_hex(6))
+    return _instance[1]
 
 
 def _quantities(resources: Mapping[str, Any]) -> Manifest:
@@ -210,28 +254,52 @@ def _exit_reason(code: Any, reason: Any) -> str:
     return str(reason or "unknown")
 
 
-def pod_outcome(pod: Mapping[str, Any], *, wait_for_capacity: bool = False) -> str | None:
+def _terminated(term: Mapping[str, Any]) -> str:
+    code = term.get("exitCode")
+    text = f"exited with code {code} ({_exit_reason(code, term.get('reason'))})"
+    if term.get("message"):
+        text += f": {term['message']}"
+    return text
+
+
+def _failed(pod: Mapping[str, Any], container: str | None) -> bool:
+    """Whether the runner ended with an error (its output then helps the message)."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term and cs.get("name") == container:
+            return bool(term.get("exitCode") != 0)
+    return status.get("phase") == "Failed"
+
+
+def pod_outcome(
+    pod: Mapping[str, Any], *, wait_for_capacity: bool = False, container: str | None = None
+) -> str | None:
     """Why a runner Pod is finished or will never start, or ``None`` while it may still run.
 
-    The text is a predicate about the runner ("exited with code 1 (Error)", "could not start
-    its container app: ErrImagePull: ...", "could not be scheduled (Unschedulable): ...").
+    ``container`` names the runner's container: once it has terminated the runner is over,
+    even while other containers (a service mesh proxy, a log shipper) keep the Pod Running,
+    and only its own waiting reasons count. Without it, the Pod's phase and any container
+    decide. The text is a predicate about the runner ("exited with code 1 (Error)", "could
+    not start its container app: ErrImagePull: ...", "could not be scheduled
+    (Unschedulable): ...").
     """
     status = pod.get("status") or {}
     phase = status.get("phase")
     statuses = status.get("containerStatuses") or []
-    if phase in ("Succeeded", "Failed"):
+    if container is not None:
+        statuses = [cs for cs in statuses if cs.get("name") == container] or statuses
+        for cs in statuses:
+            term = (cs.get("state") or {}).get("terminated")
+            if term and cs.get("name") == container:
+                return _terminated(term)
+    if phase in _FINISHED:
         for cs in statuses:
             term = (cs.get("state") or {}).get("terminated")
             if term:
-                code = term.get("exitCode")
-                text = f"exited with code {code} ({_exit_reason(code, term.get('reason'))})"
-                if term.get("message"):
-                    text += f": {term['message']}"
-                return text
+                return _terminated(term)
         reason = status.get("reason") or phase
         return f"failed: {reason}: {status.get('message', '')}".rstrip(": ")
-    if phase != "Pending":
-        return None
     for cs in statuses:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in _FATAL_WAITING:
@@ -239,6 +307,8 @@ def pod_outcome(pod: Mapping[str, Any], *, wait_for_capacity: bool = False) -> s
                 f"could not start its container {cs.get('name')}: {waiting['reason']}: "
                 f"{waiting.get('message', '')}".rstrip(": ")
             )
+    if phase != "Pending":
+        return None
     if not wait_for_capacity:
         for cond in status.get("conditions") or []:
             if (
@@ -259,10 +329,67 @@ def _api_error_types() -> tuple[type[BaseException], ...]:
     return (ApiError, ConfigError, http_error, OSError)
 
 
+def _http_module() -> Any:
+    """lightkube's HTTP library (httpx, or its fork httpx2 from lightkube 1.0)."""
+    from lightkube import ApiError
+
+    status_error = next(c for c in ApiError.__mro__ if c.__name__ == "HTTPStatusError")
+    return sys.modules[status_error.__module__.split(".")[0]]
+
+
 def _status_code(exc: BaseException) -> int | None:
     status = getattr(exc, "status", None)
     code = getattr(status, "code", None)
     return code if isinstance(code, int) else None
+
+
+#: transport errors raised before the request left: the server cannot have acted on it
+_UNSENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout", "UnsupportedProtocol"})
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def _maybe_applied(exc: BaseException) -> bool:
+    """Whether the server may have carried the request out although no answer says so: the
+    answer was lost (a dropped connection, a timeout) or the server timed out itself (504,
+    or a 500 from a storage timeout)."""
+    code = _status_code(exc)
+    if code is not None:
+        return code in (500, 504)
+    names = _names(exc)
+    return "TransportError" in names and not names & _UNSENT
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Worth another try: a transport failure, throttling (429) or a server-side error."""
+    code = _status_code(exc)
+    if code is not None:
+        return code in (429, 500, 502, 503, 504)
+    return "TransportError" in _names(exc)
+
+
+def _retry_delay(exc: BaseException, attempt: int) -> float:
+    details = getattr(getattr(exc, "status", None), "details", None)
+    after = getattr(details, "retryAfterSeconds", None)
+    if isinstance(after, int | float) and after > 0:
+        return min(float(after), _RETRY_AFTER_MAX)
+    return float(0.2 * 2**attempt)
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], *, give_up: Callable[[], bool]) -> T:
+    """``call()``, tried again (up to ``_ATTEMPTS`` times) after an error worth retrying,
+    unless ``give_up()`` says to stop; the last error is raised as it is."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return await call()
+        except _api_error_types() as exc:
+            if not _retryable(exc) or attempt == _ATTEMPTS - 1 or give_up():
+                raise
+            logger.debug("retrying a Kubernetes API request after %r", exc)
+            await asyncio.sleep(_retry_delay(exc, attempt))
+    raise AssertionError("unreachable")
 
 
 def _translate(exc: BaseException, action: str) -> BootError:
@@ -291,6 +418,31 @@ def _describe_error(exc: BaseException, action: str) -> BootError:
     )
 
 
+async def _collect(items: AsyncIterable[T]) -> list[T]:
+    return [item async for item in items]
+
+
+def _parent_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(uid, name)`` of the parent Pod that booted a runner Pod, if it can be told."""
+    meta = pod.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Pod" and ref.get("controller") and ref.get("uid"):
+            return str(ref["uid"]), str(ref.get("name") or "")
+    uid = (meta.get("labels") or {}).get(LABEL_PARENT_UID)
+    name = (meta.get("annotations") or {}).get(ANNOTATION_PARENT)
+    return (str(uid), str(name)) if uid and name else None
+
+
+def _secret_of(pod: Mapping[str, Any]) -> str | None:
+    """The Secret a runner Pod takes ``FLAME_PARENT`` from."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for e in c.get("env") or []:
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if e.get("name") == "FLAME_PARENT" and ref.get("name"):
+                return str(ref["name"])
+    return None
+
+
 class PodHandle(RunnerHandle):
     """A runner Pod (and its Secret), as returned by :meth:`KubernetesBackend.boot`.
 
@@ -312,6 +464,8 @@ class PodHandle(RunnerHandle):
         self._log_tail = ""
         self._stopped = False
         self._stopping: asyncio.Future[None] | None = None
+        self._container: str | None = None  # the runner's container in the Pod
+        self._abandoned = False  # the boot was cancelled: no more retries of its requests
 
     @property
     def id(self) -> str:
@@ -399,8 +553,10 @@ class PodHandle(RunnerHandle):
 
     async def _observe(self, pod: Manifest) -> str | None:
         self._state = describe_pod(pod)
-        outcome = pod_outcome(pod, wait_for_capacity=self._backend._wait_for_capacity)
-        if outcome is not None and (pod.get("status") or {}).get("phase") == "Failed":
+        outcome = pod_outcome(
+            pod, wait_for_capacity=self._backend._wait_for_capacity, container=self._container
+        )
+        if outcome is not None and _failed(pod, self._container):
             self._log_tail = await self._read_log_tail()
         return outcome
 
@@ -413,7 +569,10 @@ class PodHandle(RunnerHandle):
                 lines = [
                     line
                     async for line in self._backend._client().log(
-                        self.pod_name, namespace=self.namespace, tail_lines=_LOG_TAIL_LINES
+                        self.pod_name,
+                        namespace=self.namespace,
+                        container=self._container,
+                        tail_lines=_LOG_TAIL_LINES,
                     )
                 ]
         except errors:
@@ -447,7 +606,7 @@ class PodHandle(RunnerHandle):
         from lightkube import ApiError
         from lightkube.resources.core_v1 import Pod, Secret
 
-        try:
+        async def delete() -> None:
             if kind == "Pod":
                 await client.delete(
                     Pod,
@@ -457,6 +616,10 @@ class PodHandle(RunnerHandle):
                 )
             else:
                 await client.delete(Secret, name, namespace=self.namespace)
+
+        try:
+            # a delete whose answer was lost is repeated: the second one finds it gone (404)
+            await _retrying(delete, give_up=lambda: False)
         except _api_error_types() as exc:
             if isinstance(exc, ApiError) and exc.status.code == 404:
                 return True
@@ -486,6 +649,11 @@ class KubernetesBackend(Backend):
             ``POD_NAMESPACE``, then the configuration's namespace).
         pod_name: the parent's own Pod (default: ``POD_NAME``).
         container: name of the parent's app container to clone (default: the first).
+        keep_containers: names of other containers of the parent Pod (or of its init
+            containers, for sidecars declared as init containers with ``restartPolicy:
+            Always``) to copy unchanged into runner Pods, for sidecars the app cannot work
+            without (a database proxy). By default runners have only the app container: a
+            service mesh proxy or a log shipper would keep a finished runner Pod running.
         image: image of the runners (default: the app container's).
         command: the runner command (default: the launch's ``python -m flame runner``).
         resources: the runner container's ``resources`` (``{"requests": {...},
@@ -508,6 +676,10 @@ class KubernetesBackend(Backend):
             Pod that is Unschedulable, for clusters that add nodes on demand, instead of
             failing its boot at once.
         stop_grace_period: seconds a stopped runner Pod gets between SIGTERM and SIGKILL.
+        request_timeout: seconds each API request may take (watches excepted). A request
+            that times out or loses its answer is repeated (up to 3 tries in all; a create
+            whose first answer was lost is recognised by its name), and whatever a failed
+            boot created is deleted.
     """
 
     name = "kubernetes"
@@ -520,6 +692,7 @@ class KubernetesBackend(Backend):
         namespace: str | None = None,
         pod_name: str | None = None,
         container: str | None = None,
+        keep_containers: Sequence[str] = (),
         image: str | None = None,
         command: Sequence[str] | None = None,
         resources: Mapping[str, Any] | None = None,
@@ -531,6 +704,7 @@ class KubernetesBackend(Backend):
         advertise_host: str | None = None,
         wait_for_capacity: bool = False,
         stop_grace_period: int = 1,
+        request_timeout: float = 10.0,
     ) -> None:
         _require_lightkube()
         for option, value in (
@@ -577,12 +751,27 @@ class KubernetesBackend(Backend):
             raise ValueError("stop_grace_period must be an int (seconds)")
         if stop_grace_period < 0:
             raise ValueError("stop_grace_period must be >= 0")
+        if isinstance(keep_containers, str) or not all(
+            isinstance(c, str) and c for c in keep_containers
+        ):
+            raise ValueError(
+                f"keep_containers must be a sequence of container names, got {keep_containers!r}"
+            )
+        if (
+            isinstance(request_timeout, bool)
+            or not isinstance(request_timeout, int | float)
+            or not request_timeout > 0
+        ):
+            raise ValueError(
+                f"request_timeout must be a number of seconds > 0, got {request_timeout!r}"
+            )
 
         self._kubeconfig = os.fspath(kubeconfig) if kubeconfig is not None else None
         self._context = context
         self._namespace = namespace
         self._pod_name = pod_name
         self._container = container
+        self._keep_containers = tuple(keep_containers)
         self._image = image
         self._command = tuple(command) if command is not None else None
         self._resources = _quantities(resources) if resources is not None else None
@@ -594,12 +783,14 @@ class KubernetesBackend(Backend):
         self._advertise_host = advertise_host
         self._wait_for_capacity = bool(wait_for_capacity)
         self._stop_grace_period = stop_grace_period
+        self._request_timeout = float(request_timeout)
 
         self._client_obj: AsyncClient | None = None
         self._closed = False
         self._stopping: set[asyncio.Future[None]] = set()  # deletions under way
         self._parent: Manifest | None = None
         self._parent_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._swept = False
 
     def __repr__(self) -> str:
         source = f"kubeconfig={self._kubeconfig!r}" if self._kubeconfig else "in-cluster"
@@ -663,7 +854,12 @@ class KubernetesBackend(Backend):
             raise _translate(exc, "load its configuration") from exc
         except KeyError as exc:  # an incomplete kubeconfig
             raise BootError(f"Kubernetes configuration is missing {exc}") from exc
-        return AsyncClient(config=config, namespace=self._namespace, field_manager="flame")
+        return AsyncClient(
+            config=config,
+            namespace=self._namespace,
+            field_manager="flame",
+            timeout=_http_module().Timeout(self._request_timeout),
+        )
 
     def _client(self) -> AsyncClient:
         if self._client_obj is None:
@@ -712,9 +908,10 @@ class KubernetesBackend(Backend):
                         "metadata.namespace), or pass pod_name="
                     )
                 ns = self._target_namespace()
+                client = self._client()
                 pod = await self._api(
                     f"read the parent's own Pod {ns}/{name} (from POD_NAME/POD_NAMESPACE)",
-                    self._client().get(Pod, name, namespace=ns),
+                    _retrying(lambda: client.get(Pod, name, namespace=ns), give_up=lambda: False),
                 )
                 self._parent = pod.to_dict()
             return copy.deepcopy(self._parent)
@@ -741,9 +938,33 @@ class KubernetesBackend(Backend):
                 LABEL_POOL: _label_value(launch.pool),
                 LABEL_RUNNER: _label_value(launch.runner_id),
                 LABEL_PARENT: _label_value(parent["metadata"]["name"]),
+                LABEL_PARENT_UID: _label_value(parent["metadata"]["uid"]),
+                LABEL_INSTANCE: _process_instance(),
             }
         )
         return labels
+
+    def _kept_containers(self, parent: Mapping[str, Any]) -> tuple[list[Manifest], list[Manifest]]:
+        """The parent's containers and init containers named in ``keep_containers``."""
+        spec = parent.get("spec") or {}
+        kept: tuple[list[Manifest], list[Manifest]] = ([], [])
+        for name in self._keep_containers:
+            for group, out in (("containers", kept[0]), ("initContainers", kept[1])):
+                found = [c for c in spec.get(group) or [] if c.get("name") == name]
+                out.extend(copy.deepcopy(found))
+                if found:
+                    break
+            else:
+                names = [
+                    c.get("name")
+                    for g in ("containers", "initContainers")
+                    for c in spec.get(g) or []
+                ]
+                raise BootError(
+                    f"keep_containers: {name!r} is not a container of the parent Pod "
+                    f"(it has {', '.join(map(repr, names))})"
+                )
+        return kept
 
     @staticmethod
     def _parent_meta(parent: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -754,12 +975,13 @@ class KubernetesBackend(Backend):
         return meta
 
     def runner_secret_manifest(
-        self, parent_pod: Mapping[str, Any], launch: RunnerLaunch
+        self, parent_pod: Mapping[str, Any], launch: RunnerLaunch, *, name: str | None = None
     ) -> Manifest:
-        """The Secret holding ``launch.env`` for one runner, owned by the parent Pod.
+        """The Secret ``name`` holding ``launch.env`` for one runner, owned by the parent Pod.
 
         Its keys are the variable names. It is immutable, labelled like the runner Pod, and
-        re-owned by the runner Pod once that exists.
+        re-owned by the runner Pod once that exists. ``name`` defaults to a fresh one (see
+        :func:`runner_names`).
         """
         meta = self._parent_meta(parent_pod)
         for key in launch.env:
@@ -769,9 +991,10 @@ class KubernetesBackend(Backend):
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                "generateName": _name_prefix(meta["name"]) + "secret-",
+                "name": name or runner_names(meta["name"])[1],
                 "namespace": meta["namespace"],
                 "labels": self._runner_labels(parent_pod, launch),
+                "annotations": {ANNOTATION_POOL: launch.pool, ANNOTATION_PARENT: meta["name"]},
                 "ownerReferences": [_owner_reference(parent_pod)],
             },
             "type": "Opaque",
@@ -782,13 +1005,19 @@ class KubernetesBackend(Backend):
         }
 
     def runner_pod_manifest(
-        self, parent_pod: Mapping[str, Any], launch: RunnerLaunch, *, secret_name: str
+        self,
+        parent_pod: Mapping[str, Any],
+        launch: RunnerLaunch,
+        *,
+        secret_name: str,
+        name: str | None = None,
     ) -> Manifest:
-        """The runner Pod for ``launch``, cloned from ``parent_pod``, as a dict.
+        """The runner Pod ``name`` for ``launch``, cloned from ``parent_pod``, as a dict.
 
         ``launch.env`` is referenced from the Secret ``secret_name`` (see
         :meth:`runner_secret_manifest`), never written into the Pod. ``pod_template`` has
-        been applied. Raises :class:`flame.BootError` if the parent cannot be cloned.
+        been applied. ``name`` defaults to a fresh one (see :func:`runner_names`). Raises
+        :class:`flame.BootError` if the parent cannot be cloned.
         """
         parent = copy.deepcopy(dict(parent_pod))
         meta = self._parent_meta(parent)
@@ -829,21 +1058,33 @@ class KubernetesBackend(Backend):
         if mounts:
             container["volumeMounts"] = mounts
 
-        pod_spec: Manifest = {"restartPolicy": "Never", "containers": [container]}
+        sidecars, init_sidecars = self._kept_containers(parent)
+        pod_spec: Manifest = {"restartPolicy": "Never", "containers": [container, *sidecars]}
+        if init_sidecars:
+            pod_spec["initContainers"] = init_sidecars
         for field in _CLONED_POD_FIELDS:
             if spec.get(field) is not None:
                 pod_spec[field] = spec[field]
+        kept_mounts = {
+            m.get("name") for c in sidecars + init_sidecars for m in c.get("volumeMounts") or []
+        }
+        volumes += [
+            v
+            for v in spec.get("volumes") or []
+            if v.get("name") in kept_mounts - used and set(v) & _CLONED_VOLUME_TYPES
+        ]
         if volumes:
             pod_spec["volumes"] = volumes
 
+        pod_name = name or runner_names(meta["name"])[0]
         manifest: Manifest = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                "generateName": _name_prefix(meta["name"]),
+                "name": pod_name,
                 "namespace": meta["namespace"],
                 "labels": self._runner_labels(parent, launch),
-                "annotations": {ANNOTATION_POOL: launch.pool},
+                "annotations": {ANNOTATION_POOL: launch.pool, ANNOTATION_PARENT: meta["name"]},
                 "ownerReferences": [_owner_reference(parent)],
             },
             "spec": pod_spec,
@@ -857,7 +1098,7 @@ class KubernetesBackend(Backend):
                 raise BootError(
                     f"pod_template returned {type(manifest).__name__}, not a manifest dict"
                 )
-            self._enforce(manifest, parent, launch, secret_name, str(container["name"]))
+            self._enforce(manifest, parent, launch, pod_name, secret_name, str(container["name"]))
         return manifest
 
     @staticmethod
@@ -877,6 +1118,7 @@ class KubernetesBackend(Backend):
         manifest: Manifest,
         parent: Mapping[str, Any],
         launch: RunnerLaunch,
+        pod_name: str,
         secret_name: str,
         container_name: str,
     ) -> None:
@@ -885,8 +1127,9 @@ class KubernetesBackend(Backend):
         manifest["apiVersion"], manifest["kind"] = "v1", "Pod"
         md = manifest.setdefault("metadata", {})
         md["namespace"] = meta["namespace"]
-        if not md.get("name"):
-            md.setdefault("generateName", _name_prefix(meta["name"]))
+        md["name"] = pod_name  # the name a lost answer or a failed boot is cleaned up by
+        md.pop("generateName", None)
+        md["annotations"] = {**(md.get("annotations") or {}), ANNOTATION_PARENT: meta["name"]}
         refs = [r for r in md.get("ownerReferences") or [] if r.get("uid") != meta["uid"]]
         for r in refs:
             r.pop("controller", None)  # only one controller: the parent Pod
@@ -902,7 +1145,8 @@ class KubernetesBackend(Backend):
     async def boot(self, launch: RunnerLaunch) -> PodHandle:
         """Create the runner's Secret and Pod and return at once (not waiting for it to run).
 
-        On any failure, or if cancelled, whatever was created is deleted before raising.
+        On any failure, or if cancelled, whatever was created is deleted before raising. The
+        first boot of a backend also starts :meth:`sweep` in the background.
         """
         self._closed = False
         handle = PodHandle(self, self._namespace or "", launch.runner_id)
@@ -910,14 +1154,18 @@ class KubernetesBackend(Backend):
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            # The API calls are not interrupted half-way (the server may already hold the
-            # objects): let them finish, then delete what they made.
+            # The request under way is not interrupted half-way (the server may act on it
+            # anyway): no more retries, let it end, then delete what may exist, by name.
+            handle._abandoned = True
             try:
                 with contextlib.suppress(Exception):
                     await task
             finally:
                 await handle.stop()
             raise
+        if not self._swept:
+            self._swept = True
+            self._track(asyncio.ensure_future(self._sweep_quietly()))
         return handle
 
     async def _create(self, launch: RunnerLaunch, handle: PodHandle) -> None:
@@ -928,31 +1176,45 @@ class KubernetesBackend(Backend):
         client = self._client()
         ns = parent["metadata"]["namespace"]
         handle.namespace = ns
+        pod_name, secret_name = runner_names(parent["metadata"]["name"])
+        secret = self.runner_secret_manifest(parent, launch, name=secret_name)
+        manifest = self.runner_pod_manifest(parent, launch, secret_name=secret_name, name=pod_name)
         try:
-            secret = await self._api(
-                f"create the runner's Secret in namespace {ns}",
-                client.create(Secret.from_dict(self.runner_secret_manifest(parent, launch))),
+            pod_obj = Pod.from_dict(manifest)
+        except (ValueError, TypeError) as exc:
+            raise BootError(f"the runner Pod manifest is not a valid Pod: {exc}") from exc
+        handle._container = str(self._app_container(parent).get("name") or "runner")
+        # From here on stop() knows what to delete, whatever answers get lost.
+        handle.secret_name, handle.pod_name = secret_name, pod_name
+        try:
+            await self._create_once(
+                client, Secret.from_dict(secret), handle, f"create Secret {ns}/{secret_name}"
             )
-            assert secret.metadata is not None and secret.metadata.name is not None
-            handle.secret_name = secret.metadata.name
-            manifest = self.runner_pod_manifest(parent, launch, secret_name=handle.secret_name)
-            try:
-                pod_obj = Pod.from_dict(manifest)
-            except (ValueError, TypeError) as exc:
-                raise BootError(f"the runner Pod manifest is not a valid Pod: {exc}") from exc
-            pod = await self._api(f"create a runner Pod in namespace {ns}", client.create(pod_obj))
-            assert pod.metadata is not None and pod.metadata.name is not None
-            handle.pod_name = pod.metadata.name
-            handle._state = describe_pod(pod.to_dict())
+            created: Any = await self._create_once(
+                client, pod_obj, handle, f"create the runner Pod {ns}/{pod_name}"
+            )
+            if created is None:  # made by an attempt whose answer was lost
+                created = await self._api(
+                    f"read the runner Pod {ns}/{pod_name}",
+                    _retrying(
+                        lambda: client.get(Pod, pod_name, namespace=ns),
+                        give_up=lambda: handle._abandoned,
+                    ),
+                )
+            pod: Manifest = created.to_dict()
+            handle._state = describe_pod(pod)
             try:
                 await self._api(
-                    f"hand Secret {handle.secret_name} to Pod {handle.pod_name}",
-                    client.patch(
-                        Secret,
-                        handle.secret_name,
-                        {"metadata": {"ownerReferences": [_owner_reference(pod.to_dict())]}},
-                        namespace=ns,
-                        patch_type=PatchType.MERGE,
+                    f"hand Secret {secret_name} to Pod {pod_name}",
+                    _retrying(
+                        lambda: client.patch(
+                            Secret,
+                            secret_name,
+                            {"metadata": {"ownerReferences": [_owner_reference(pod)]}},
+                            namespace=ns,
+                            patch_type=PatchType.MERGE,
+                        ),
+                        give_up=lambda: handle._abandoned,
                     ),
                 )
             except BootError as exc:
@@ -961,7 +1223,115 @@ class KubernetesBackend(Backend):
         except BaseException:
             await handle.stop()
             raise
-        logger.debug("runner %s: created pod %s/%s", launch.runner_id, ns, handle.pod_name)
+        logger.debug("runner %s: created pod %s/%s", launch.runner_id, ns, pod_name)
+
+    async def _create_once(
+        self, client: AsyncClient, obj: Any, handle: PodHandle, action: str
+    ) -> Any | None:
+        """Create ``obj`` (which has its name), exactly once although answers get lost.
+
+        A create that failed in a way that may have taken effect anyway (a lost answer, a
+        timeout) is repeated with the same name: then 409 AlreadyExists means the earlier
+        attempt made it, and ``None`` is returned instead of the created object.
+        """
+        maybe_created = False
+
+        async def create() -> Any | None:
+            nonlocal maybe_created
+            try:
+                return await client.create(obj)
+            except _api_error_types() as exc:
+                if maybe_created and _status_code(exc) == 409:
+                    return None
+                maybe_created = maybe_created or _maybe_applied(exc)
+                raise
+
+        return await self._api(action, _retrying(create, give_up=lambda: handle._abandoned))
+
+    # -- sweeping ---------------------------------------------------------------------------
+    async def sweep(self) -> list[str]:
+        """Delete the runner Pods (and their Secrets) in the namespace that nobody will stop.
+
+        These are the runner Pods whose parent Pod no longer exists (found by the owner
+        reference, or, when that was removed, by the ``flame-py/parent-uid`` label and the
+        ``flame-py/parent`` annotation), which the cluster's garbage collector missed (a
+        parent deleted with ``--cascade=orphan``, a collector that is behind), and the
+        finished runner Pods of this same parent Pod booted by an earlier process (a parent
+        container that restarted). Returns the names of the Pods deleted. Pods it cannot
+        judge (no owner, a parent it cannot read) are left alone.
+
+        The first boot of each backend runs it in the background; it needs only the
+        permissions of the documented Role.
+        """
+        from lightkube.resources.core_v1 import Pod
+
+        parent = await self.parent_pod()
+        meta = parent["metadata"]
+        ns = meta["namespace"]
+        client = self._client()
+        runners: list[Any] = await self._api(
+            f"list runner Pods in namespace {ns}",
+            _retrying(
+                lambda: _collect(
+                    client.list(
+                        Pod,
+                        namespace=ns,
+                        labels={LABEL_MANAGED_BY: "flame", LABEL_COMPONENT: "flame-runner"},
+                    )
+                ),
+                give_up=lambda: False,
+            ),
+        )
+        alive: dict[str, bool] = {meta["uid"]: True}
+        doomed: list[Manifest] = []
+        for obj in runners:
+            pod = obj.to_dict()
+            owner = _parent_of(pod)
+            if owner is None:
+                continue
+            uid, name = owner
+            if uid == meta["uid"]:
+                labels = pod["metadata"].get("labels") or {}
+                phase = (pod.get("status") or {}).get("phase")
+                if phase in _FINISHED and labels.get(LABEL_INSTANCE) != _process_instance():
+                    doomed.append(pod)
+                continue
+            if uid not in alive:
+                alive[uid] = await self._pod_exists(client, ns, name, uid)
+            if not alive[uid]:
+                doomed.append(pod)
+        for pod in doomed:
+            labels = pod["metadata"].get("labels") or {}
+            handle = PodHandle(self, ns, labels.get(LABEL_RUNNER, "?"))
+            handle.pod_name = pod["metadata"]["name"]
+            handle.secret_name = _secret_of(pod)
+            logger.info(
+                "deleting runner pod %s/%s left behind by %s", ns, handle.pod_name, _parent_of(pod)
+            )
+            await handle.stop()
+        return [pod["metadata"]["name"] for pod in doomed]
+
+    async def _sweep_quietly(self) -> None:
+        errors: tuple[type[BaseException], ...] = (BootError, *_api_error_types())
+        try:
+            await self.sweep()
+        except errors as exc:
+            logger.warning("could not sweep runner pods left behind: %s", exc)
+
+    async def _pod_exists(self, client: AsyncClient, ns: str, name: str, uid: str) -> bool:
+        """Whether Pod ``name`` with ``uid`` exists (True also when it cannot be told)."""
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod
+
+        try:
+            pod = await _retrying(
+                lambda: client.get(Pod, name, namespace=ns), give_up=lambda: False
+            )
+        except ApiError as exc:
+            return exc.status.code != 404
+        except _api_error_types():
+            return True
+        return pod.metadata is not None and pod.metadata.uid == uid
 
     def _track(self, stopping: asyncio.Future[None]) -> None:
         self._stopping.add(stopping)

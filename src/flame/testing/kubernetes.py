@@ -10,18 +10,21 @@ thread) that any Kubernetes client can talk to through the kubeconfig file it wr
   ``Status`` error objects (401, 403, 404, 409, 422...). ``pods/log`` serves a Pod's output.
 * bearer-token authentication, and optionally a set of allowed verbs per resource (what a
   Role would grant), so that a test proves the documented RBAC rules are enough.
-* a "kubelet": each Pod created through the API really runs the command of its first
-  container as a local subprocess, with the Pod's environment (plain values, ``fieldRef``
-  and ``secretKeyRef`` resolved from stored Secrets) plus what stands for the image
-  (``env=``, ``cwd=``; a leading ``python`` runs ``python=``, by default this interpreter).
-  The Pod's ``status`` follows: ``Pending``, then ``Running`` with ``podIP`` 127.0.0.1, then
-  ``Succeeded`` or ``Failed`` with the container's exit code. Deleting a Pod sends SIGTERM,
-  then SIGKILL after its grace period.
+* a stand-in kubelet (``flame.testing._kubelet``): each Pod created through the API really
+  runs the command of its first container as a local subprocess, with the Pod's environment
+  (plain values, ``fieldRef`` and ``secretKeyRef`` resolved from stored Secrets) plus what
+  stands for the image (``env=``, ``cwd=``; a leading ``python`` runs ``python=``, by
+  default this interpreter). The Pod's ``status`` follows: ``Pending``, then ``Running``
+  with ``podIP`` 127.0.0.1, then ``Succeeded`` or ``Failed`` with the container's exit code.
+  Deleting a Pod sends SIGTERM, then SIGKILL after its grace period.
 * garbage collection by ``ownerReferences``: when an owner is gone, its dependents (Pods and
   Secrets) are deleted, as the cluster's garbage collector would.
 * failure injection: Pods that cannot be scheduled (``PodScheduled=False``,
-  ``Unschedulable``), images that cannot be pulled (``ErrImagePull``), and ``403 Forbidden``
-  for chosen verbs.
+  ``Unschedulable``), images that cannot be pulled (``ErrImagePull``), ``403 Forbidden``
+  for chosen verbs, requests carried out whose answer is lost (or comes too late), and
+  requests dropped before they are carried out.
+* the validation of the real v1.20 API server (``flame.testing._validation``), with its
+  status codes: 400 for what it cannot decode, 422 for what it will not store.
 
 A "parent Pod" standing for the test process itself is added with
 :meth:`KubernetesAPIEmulator.add_parent_pod`: it is reported ``Running`` but runs nothing.
@@ -33,16 +36,12 @@ a Pod runs, strategic merge patches are treated as JSON merge patches, and nothi
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import copy
 import json
 import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,58 +49,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from . import _validation
 from ._http import EmulatorServer, Handler
+from ._kubelet import NODE_NAME, StandInKubelet, container_status
+from ._kubelet import now as _now
+from ._validation import ApiFailure as _ApiFailure
+from ._validation import status as _status
 
 __all__ = ["KubernetesAPIEmulator"]
 
 JSON = dict[str, Any]
 
 _KINDS = {"pods": "Pod", "secrets": "Secret"}
-_NODE_NAME = "emulator-node"
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # the alphabet Kubernetes uses for generateName
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
-_SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _status(code: int, reason: str, message: str, **details: Any) -> JSON:
-    doc: JSON = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-    if details:
-        doc["details"] = details
-    return doc
-
-
-class _ApiFailure(Exception):
-    """Raised inside the emulator to answer a request with a ``Status`` error."""
-
-    def __init__(self, code: int, reason: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status = _status(code, reason, message, **details)
-        self.code = code
-
-
-class _EnvError(Exception):
-    """A container's environment cannot be resolved yet (``CreateContainerConfigError``)."""
+_NOT_ALLOWED = "the server does not allow this method on the requested resource"
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -155,13 +119,15 @@ def _parse_selector(text: str, *, fields: bool) -> list[_Requirement]:
             tests.append(_Requirement(op, m.group(1), frozenset([m.group(3)])))
             continue
         if fields:
-            raise _ApiFailure(400, "BadRequest", f"invalid field selector: {part!r}")
+            raise _ApiFailure(
+                400, "BadRequest", f"invalid selector: '{part}'; can't understand '{part}'"
+            )
         if part.startswith("!"):
             tests.append(_Requirement("!exists", part[1:]))
         elif re.fullmatch(r"[^\s()=!,]+", part):
             tests.append(_Requirement("exists", part))
         else:
-            raise _ApiFailure(400, "BadRequest", f"invalid label selector: {part!r}")
+            raise _ApiFailure(400, "BadRequest", f"unable to parse requirement: '{part}'")
     return tests
 
 
@@ -180,17 +146,22 @@ def _field_view(obj: JSON) -> dict[str, str]:
     return view
 
 
+class _Dropped(Exception):
+    """An injected failure: the connection is dropped before the request is carried out."""
+
+
 @dataclass
 class _Rule:
     """One injected failure; ``remaining`` is how many more times it fires (None: always)."""
 
-    action: str  # "schedule" | "image" | "forbid"
+    action: str  # "schedule" | "image" | "forbid" | "lose" | "drop"
     remaining: int | None
     message: str = ""
     reason: str = ""
     image: str | None = None
     verb: str = ""
     resource: str = ""
+    delay: float = 0.0
 
     def take(self) -> bool:
         if self.remaining is None:
@@ -199,22 +170,6 @@ class _Rule:
             return False
         self.remaining -= 1
         return True
-
-
-@dataclass
-class _Container:
-    """The local process standing for a Pod's container."""
-
-    pod_name: str
-    proc: subprocess.Popen[bytes]
-    log_path: str
-    kill_timer: threading.Timer | None = None
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
 
 
 class KubernetesAPIEmulator:
@@ -267,13 +222,14 @@ class KubernetesAPIEmulator:
         self._changed = threading.Condition(self._lock)
         self._rv = 0
         self._objects: dict[tuple[str, str, str], JSON] = {}
+        self._namespaces = {namespace, "default", "kube-system", "kube-public", "kube-node-lease"}
         self._events: list[tuple[int, str, str, JSON]] = []  # (rv, resource, type, object)
-        self._containers: dict[str, _Container] = {}  # pod uid -> process
         self._external: set[str] = set()  # uids of Pods that stand for this process
         self._propagation: dict[str, str] = {}  # pod uid -> propagation of its pending delete
         self._rules: list[_Rule] = []
-        self._threads: list[threading.Thread] = []
+        self._kubelet: StandInKubelet | None = None
         self._closing = False
+        self._closed = threading.Event()  # wakes answers held back by an injected delay
         self._server: EmulatorServer | None = None
         self._tmpdir: str | None = None
         self._random = random.Random()
@@ -284,6 +240,7 @@ class KubernetesAPIEmulator:
         if self._server is not None:
             return self
         self._tmpdir = tempfile.mkdtemp(prefix="flame-k8s-emulator-")
+        self._kubelet = StandInKubelet(_KubeletView(self), self._tmpdir)
         self._server = EmulatorServer(self._handle, "k8s-emulator-http").start()
         self._write_kubeconfig()
         return self
@@ -294,19 +251,12 @@ class KubernetesAPIEmulator:
             if self._closing:
                 return
             self._closing = True
-            containers = list(self._containers.values())
+            self._closed.set()
             self._changed.notify_all()
-        for c in containers:
-            if c.kill_timer is not None:
-                c.kill_timer.cancel()
-            c.signal(signal.SIGKILL)
-        for c in containers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=5)
+        if self._kubelet is not None:
+            self._kubelet.close()
         if self._server is not None:
             self._server.close()
-        for t in list(self._threads):
-            t.join(timeout=5)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -319,7 +269,7 @@ class KubernetesAPIEmulator:
     def __repr__(self) -> str:
         with self._lock:
             pods = sum(1 for k in self._objects if k[0] == "pods")
-            running = sum(1 for c in self._containers.values() if c.proc.poll() is None)
+        running = len(self.processes())
         return f"<KubernetesAPIEmulator url={self.url!r} pods={pods} processes={running}>"
 
     @property
@@ -376,9 +326,10 @@ class KubernetesAPIEmulator:
         The emulator runs nothing for it. ``env`` (a mapping, or a list of Kubernetes env
         entries) and ``container_fields`` (merged into the container, e.g. ``resources``)
         describe its app container; ``spec`` is merged into the Pod spec (extra containers,
-        ``imagePullSecrets``...).
+        ``imagePullSecrets``...). Its namespace is created if needed.
         """
         ns = namespace or self.namespace
+        self.add_namespace(ns)
         if isinstance(env, Mapping):
             env_list: list[Any] = [{"name": k, "value": v} for k, v in env.items()]
         else:
@@ -416,13 +367,19 @@ class KubernetesAPIEmulator:
                     {"type": "Ready", "status": "True"},
                 ],
                 containerStatuses=[
-                    self._container_status(c, {"running": {"startedAt": _now()}}, ready=True)
+                    container_status(c, {"running": {"startedAt": _now()}}, ready=True)
                     for c in pod_spec["containers"]
                 ],
             )
-            created["spec"]["nodeName"] = _NODE_NAME
+            created["spec"]["nodeName"] = NODE_NAME
             self._touch("pods", created, "MODIFIED")
             return copy.deepcopy(created)
+
+    def add_namespace(self, name: str) -> None:
+        """Create a namespace (the emulator starts with its own, ``default`` and the
+        ``kube-*`` ones; creating an object in any other is a 404, as on a cluster)."""
+        with self._lock:
+            self._namespaces.add(name)
 
     def downward_env(self, pod_name: str, namespace: str | None = None) -> dict[str, str]:
         """What the downward API would give the Pod's process: POD_NAME, POD_NAMESPACE, POD_IP."""
@@ -472,30 +429,35 @@ class KubernetesAPIEmulator:
             return out
 
     def delete_pod(
-        self, name: str, namespace: str | None = None, *, grace_period: int | None = None
+        self,
+        name: str,
+        namespace: str | None = None,
+        *,
+        grace_period: int | None = None,
+        propagation: str = "Background",
     ) -> None:
-        """Delete a Pod as ``kubectl delete pod`` would; its dependents are collected."""
+        """Delete a Pod as ``kubectl delete pod`` would; its dependents are collected
+        (``propagation="Orphan"``, as ``--cascade=orphan``: they are kept, without the
+        owner reference)."""
+        _validation.check_propagation(propagation)
         with self._lock:
             key = ("pods", namespace or self.namespace, name)
             if key not in self._objects:
                 raise KeyError(f"no pod {key[1]}/{name}")
-            self._delete("pods", key[1], name, grace_period, "Background")
+            self._delete("pods", key[1], name, grace_period, propagation)
 
     def processes(self) -> dict[str, int]:
         """``{pod name: pid}`` of the container processes still running."""
-        with self._lock:
-            return {
-                c.pod_name: c.proc.pid for c in self._containers.values() if c.proc.poll() is None
-            }
+        return self._kubelet.processes() if self._kubelet is not None else {}
 
     def pod_log(self, name: str, namespace: str | None = None) -> str:
         """What the Pod's container has written to stdout and stderr so far."""
         with self._lock:
             obj = self._objects.get(("pods", namespace or self.namespace, name))
-            c = self._containers.get(obj["metadata"]["uid"]) if obj else None
-        if c is None:
+            path = self._log_path(obj["metadata"]["uid"]) if obj else None
+        if path is None:
             return ""
-        with open(c.log_path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
     def wait_until(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
@@ -541,6 +503,21 @@ class KubernetesAPIEmulator:
         with self._lock:
             self._rules.append(_Rule("forbid", times, verb=verb, resource=resource))
 
+    def lose_answer(
+        self, verb: str, resource: str, *, times: int | None = 1, delay: float = 0.0
+    ) -> None:
+        """Carry out the next ``times`` requests ``verb`` on ``resource`` (e.g. ``"create"``,
+        ``"pods"``) but never answer them: after ``delay`` seconds the connection is dropped,
+        as when an answer is lost on the way or a client times out first."""
+        with self._lock:
+            self._rules.append(_Rule("lose", times, verb=verb, resource=resource, delay=delay))
+
+    def drop_request(self, verb: str, resource: str, *, times: int | None = 1) -> None:
+        """Drop the connection of the next ``times`` requests ``verb`` on ``resource``
+        before carrying them out (the request was lost, not the answer)."""
+        with self._lock:
+            self._rules.append(_Rule("drop", times, verb=verb, resource=resource))
+
     def clear_failures(self) -> None:
         """Remove every injected failure (Pods already failing stay as they are)."""
         with self._lock:
@@ -559,6 +536,15 @@ class KubernetesAPIEmulator:
         self._events.append((self._rv, resource, event, copy.deepcopy(obj)))
         self._changed.notify_all()
 
+    def _log_path(self, uid: str) -> str | None:
+        return self._kubelet.log_path(uid) if self._kubelet is not None else None
+
+    def _live(self, ns: str, name: str, uid: str) -> JSON | None:
+        obj = self._objects.get(("pods", ns, name))
+        if obj is None or obj["metadata"]["uid"] != uid or self._closing:
+            return None
+        return obj
+
     def _uid_exists(self, ns: str, uid: str) -> bool:
         return any(
             o["metadata"].get("uid") == uid
@@ -567,16 +553,15 @@ class KubernetesAPIEmulator:
         )
 
     def _create(self, resource: str, ns: str, body: JSON, *, run: bool = True) -> JSON:
-        if not isinstance(body, dict):
-            raise _ApiFailure(400, "BadRequest", "the body must be a JSON object")
         kind = _KINDS[resource]
-        if body.get("kind") not in (None, kind):
-            raise _ApiFailure(400, "BadRequest", f"expected kind {kind}, got {body.get('kind')!r}")
+        _validation.check_decodable(kind, body)
+        if ns not in self._namespaces:
+            raise _ApiFailure(
+                404, "NotFound", f'namespaces "{ns}" not found', name=ns, kind="namespaces"
+            )
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = "v1", kind
         meta = obj.setdefault("metadata", {})
-        if not isinstance(meta, dict):
-            raise _ApiFailure(400, "BadRequest", "metadata must be an object")
         if meta.get("namespace") not in (None, ns):
             raise _ApiFailure(
                 400,
@@ -585,20 +570,19 @@ class KubernetesAPIEmulator:
                 "the request",
             )
         name = str(meta.get("name") or "")
-        if not name:
-            prefix = meta.get("generateName")
-            if not prefix:
-                raise self._invalid(kind, "", "metadata.name: Required value: name or generateName")
+        prefix = str(meta.get("generateName") or "")
+        if not name and prefix:
             for _ in range(100):
-                name = prefix + "".join(self._random.choice(_NAME_CHARS) for _ in range(5))
+                suffix = "".join(self._random.choice(_NAME_CHARS) for _ in range(5))
+                name = _validation.generated_name(prefix, suffix)
                 if (resource, ns, name) not in self._objects:
                     break
-        if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
-            raise self._invalid(
-                kind,
-                name,
-                f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain",
-            )
+        _validation.validate_name(kind, name, meta)
+        _validation.validate_meta(kind, name, meta)
+        if resource == "pods":
+            _validation.validate_pod(name, obj)
+        else:
+            _validation.normalise_secret(name, obj)
         if (resource, ns, name) in self._objects:
             raise _ApiFailure(
                 409,
@@ -607,7 +591,6 @@ class KubernetesAPIEmulator:
                 name=name,
                 kind=resource,
             )
-        self._validate_meta(kind, name, meta)
         meta.update(
             name=name,
             namespace=ns,
@@ -615,125 +598,21 @@ class KubernetesAPIEmulator:
             creationTimestamp=_now(),
         )
         if resource == "pods":
-            self._validate_pod(name, obj)
+            spec = obj["spec"]
+            spec.setdefault("restartPolicy", "Always")
+            spec.setdefault("terminationGracePeriodSeconds", 30)
+            spec.setdefault("serviceAccountName", "default")
             obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
-        else:
-            self._normalise_secret(name, obj)
         self._objects[(resource, ns, name)] = obj
         self._touch(resource, obj, "ADDED")
         if resource == "pods":
             if run:
-                t = threading.Thread(
-                    target=self._kubelet,
-                    args=(ns, name, meta["uid"]),
-                    name=f"k8s-emulator-kubelet-{name}",
-                    daemon=True,
-                )
-                self._threads.append(t)
-                t.start()
+                assert self._kubelet is not None
+                self._kubelet.start(obj)
             else:
                 self._external.add(meta["uid"])
         self._collect_garbage()
         return obj
-
-    @staticmethod
-    def _invalid(kind: str, name: str, cause: str) -> _ApiFailure:
-        return _ApiFailure(
-            422, "Invalid", f'{kind} "{name}" is invalid: {cause}', name=name, kind=kind
-        )
-
-    def _validate_meta(self, kind: str, name: str, meta: JSON) -> None:
-        for field in ("labels", "annotations"):
-            value = meta.get(field)
-            if value is not None and not (
-                isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-            ):
-                raise self._invalid(kind, name, f"metadata.{field}: must map strings to strings")
-        for key, value in (meta.get("labels") or {}).items():
-            bare = key.rsplit("/", 1)[-1]
-            if len(bare) > 63 or not _LABEL_NAME.match(bare):
-                raise self._invalid(kind, name, f"metadata.labels: Invalid value: {key!r}")
-            if len(value) > 63 or not _LABEL_VALUE.match(value):
-                raise self._invalid(kind, name, f"metadata.labels: Invalid value: {value!r}")
-        refs = meta.get("ownerReferences") or []
-        if not isinstance(refs, list):
-            raise self._invalid(kind, name, "metadata.ownerReferences: must be a list")
-        for ref in refs:
-            for field in ("apiVersion", "kind", "name", "uid"):
-                if not isinstance(ref, dict) or not ref.get(field):
-                    raise self._invalid(
-                        kind, name, f"metadata.ownerReferences.{field}: Required value"
-                    )
-
-    def _validate_pod(self, name: str, pod: JSON) -> None:
-        spec = pod.get("spec")
-        if not isinstance(spec, dict):
-            raise self._invalid("Pod", name, "spec: Required value")
-        containers = spec.get("containers")
-        if not isinstance(containers, list) or not containers:
-            raise self._invalid("Pod", name, "spec.containers: Required value")
-        spec.setdefault("restartPolicy", "Always")
-        if spec["restartPolicy"] not in ("Always", "OnFailure", "Never"):
-            raise self._invalid("Pod", name, "spec.restartPolicy: Unsupported value")
-        spec.setdefault("terminationGracePeriodSeconds", 30)
-        spec.setdefault("serviceAccountName", "default")
-        volumes = {v.get("name") for v in spec.get("volumes") or []}
-        seen: set[str] = set()
-        for i, c in enumerate(containers):
-            where = f"spec.containers[{i}]"
-            if not isinstance(c, dict):
-                raise self._invalid("Pod", name, f"{where}: must be an object")
-            if not c.get("name") or not _DNS_LABEL.match(str(c["name"])):
-                raise self._invalid("Pod", name, f"{where}.name: Invalid value")
-            if c["name"] in seen:
-                raise self._invalid("Pod", name, f"{where}.name: Duplicate value")
-            seen.add(c["name"])
-            if not c.get("image"):
-                raise self._invalid("Pod", name, f"{where}.image: Required value")
-            for key in ("command", "args"):
-                if key in c and not (
-                    isinstance(c[key], list) and all(isinstance(a, str) for a in c[key])
-                ):
-                    raise self._invalid("Pod", name, f"{where}.{key}: must be a list of strings")
-            for e in c.get("env") or []:
-                if not isinstance(e, dict) or not e.get("name"):
-                    raise self._invalid("Pod", name, f"{where}.env.name: Required value")
-                if "value" in e and not isinstance(e["value"], str):
-                    raise self._invalid("Pod", name, f"{where}.env.value: must be a string")
-                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
-                if ref is not None and not (ref.get("name") and ref.get("key")):
-                    raise self._invalid(
-                        "Pod", name, f"{where}.env.valueFrom.secretKeyRef: name and key required"
-                    )
-            for m in c.get("volumeMounts") or []:
-                if m.get("name") not in volumes:
-                    raise self._invalid(
-                        "Pod", name, f"{where}.volumeMounts.name: Not found: {m.get('name')!r}"
-                    )
-            for section in ("limits", "requests"):
-                for rname, q in ((c.get("resources") or {}).get(section) or {}).items():
-                    if not isinstance(q, str | int | float) or isinstance(q, bool):
-                        raise self._invalid(
-                            "Pod", name, f"{where}.resources.{section}[{rname}]: Invalid value"
-                        )
-
-    def _normalise_secret(self, name: str, secret: JSON) -> None:
-        data = secret.get("data") or {}
-        if not isinstance(data, dict):
-            raise self._invalid("Secret", name, "data: must be an object")
-        for key, value in data.items():
-            if not _SECRET_KEY.match(key):
-                raise self._invalid("Secret", name, f"data[{key!r}]: Invalid key")
-            try:
-                base64.b64decode(value, validate=True)
-            except (ValueError, TypeError):
-                raise self._invalid("Secret", name, f"data[{key!r}]: not base64") from None
-        for key, value in (secret.pop("stringData", None) or {}).items():
-            if not _SECRET_KEY.match(key):
-                raise self._invalid("Secret", name, f"stringData[{key!r}]: Invalid key")
-            data[key] = base64.b64encode(str(value).encode()).decode()
-        secret["data"] = data
-        secret.setdefault("type", "Opaque")
 
     def _patch(self, resource: str, ns: str, name: str, body: JSON, content_type: str) -> JSON:
         if content_type not in (
@@ -741,7 +620,10 @@ class KubernetesAPIEmulator:
             "application/strategic-merge-patch+json",
         ):
             raise _ApiFailure(
-                415, "UnsupportedMediaType", f"the emulator cannot apply {content_type!r} patches"
+                415,
+                "UnsupportedMediaType",
+                f"415: Unsupported Media Type (the emulator applies merge patches, not "
+                f"{content_type!r})",
             )
         obj = self._get(resource, ns, name)
         patched = _merge_patch(obj, body)
@@ -749,17 +631,13 @@ class KubernetesAPIEmulator:
             {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "creationTimestamp")}
         )
         patched["apiVersion"], patched["kind"] = obj["apiVersion"], obj["kind"]
-        self._validate_meta(obj["kind"], name, patched["metadata"])
+        _validation.check_decodable(obj["kind"], patched)
+        _validation.validate_meta(obj["kind"], name, patched["metadata"])
         if resource == "secrets":
-            self._normalise_secret(name, patched)
-            if obj.get("immutable") and (
-                patched.get("data") != obj.get("data") or not patched.get("immutable")
-            ):
-                raise self._invalid(
-                    "Secret", name, "data: Forbidden: field is immutable when `immutable` is set"
-                )
-        elif patched.get("spec") != obj.get("spec"):
-            raise self._invalid("Pod", name, "spec: Forbidden: pod updates may not change spec")
+            _validation.normalise_secret(name, patched)
+            _validation.validate_secret_update(name, obj, patched)
+        else:
+            _validation.validate_pod_update(name, obj, patched)
         obj.clear()
         obj.update(patched)
         self._touch(resource, obj, "MODIFIED")
@@ -780,25 +658,15 @@ class KubernetesAPIEmulator:
         obj = self._get(resource, ns, name)
         if resource == "pods":
             uid = obj["metadata"]["uid"]
-            container = self._containers.get(uid)
-            alive = container is not None and container.proc.poll() is None
             if grace is None:
                 grace = int(obj["spec"].get("terminationGracePeriodSeconds", 30))
-            if container is not None and alive and grace > 0:
+            if self._kubelet is not None and self._kubelet.terminate(uid, grace):
                 if not obj["metadata"].get("deletionTimestamp"):
                     obj["metadata"]["deletionTimestamp"] = _now()
                     obj["metadata"]["deletionGracePeriodSeconds"] = grace
                     self._propagation[uid] = propagation
                     self._touch("pods", obj, "MODIFIED")
-                    container.signal(signal.SIGTERM)
-                    container.kill_timer = threading.Timer(
-                        grace, container.signal, args=(signal.SIGKILL,)
-                    )
-                    container.kill_timer.daemon = True
-                    container.kill_timer.start()
                 return obj  # removed by the kubelet once the process has exited
-            if container is not None and alive:
-                container.signal(signal.SIGKILL)
         self._remove(resource, ns, name, propagation)
         return obj
 
@@ -837,284 +705,19 @@ class KubernetesAPIEmulator:
                     self._delete(res, ns, name, None, "Background")
                     changed = True
 
-    # -- the kubelet -----------------------------------------------------------------------
-    def _live(self, ns: str, name: str, uid: str) -> JSON | None:
-        obj = self._objects.get(("pods", ns, name))
-        if obj is None or obj["metadata"]["uid"] != uid or self._closing:
-            return None
-        return obj
-
-    def _kubelet(self, ns: str, name: str, uid: str) -> None:
-        try:
-            self._run_pod(ns, name, uid)
-        except Exception as exc:  # never let a thread die with a traceback in a test run
-            with self._lock:
-                pod = self._live(ns, name, uid)
-                if pod is not None:
-                    pod["status"].update(
-                        phase="Failed",
-                        reason="EmulatorError",
-                        message=f"{type(exc).__name__}: {exc}",
-                    )
-                    self._touch("pods", pod, "MODIFIED")
-
-    def _container_status(self, c: JSON, state: JSON, *, ready: bool = False) -> JSON:
-        return {
-            "name": c["name"],
-            "image": c.get("image", ""),
-            "imageID": "",
-            "ready": ready,
-            "restartCount": 0,
-            "started": "running" in state,
-            "state": state,
-        }
-
-    def _run_pod(self, ns: str, name: str, uid: str) -> None:
-        with self._lock:
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            status = pod["status"]
-            rule = self._take_rule("schedule", lambda r: True)
-            if rule is not None:
-                status["conditions"] = [
-                    {
-                        "type": "PodScheduled",
-                        "status": "False",
-                        "reason": "Unschedulable",
-                        "message": rule.message,
-                        "lastTransitionTime": _now(),
-                    }
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            pod["spec"]["nodeName"] = _NODE_NAME
-            status["conditions"] = [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}
-            ]
-            status["hostIP"] = "127.0.0.1"
-            container = pod["spec"]["containers"][0]
-            image = str(container.get("image"))
-            rule = self._take_rule("image", lambda r: r.image in (None, image))
-            if rule is not None:
-                message = rule.message or (
-                    f'Failed to pull image "{image}": rpc error: code = NotFound desc = '
-                    f"failed to resolve reference {image!r}: not found"
-                )
-                status["containerStatuses"] = [
-                    self._container_status(
-                        container, {"waiting": {"reason": rule.reason, "message": message}}
-                    )
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            self._touch("pods", pod, "MODIFIED")
-
-        # resolve the environment, waiting for missing Secrets as the kubelet does
-        while True:
-            with self._lock:
-                pod = self._live(ns, name, uid)
-                if pod is None:
-                    return
-                if pod["metadata"].get("deletionTimestamp"):
-                    self._remove("pods", ns, name, self._propagation.get(uid, "Background"))
-                    return
-                container = pod["spec"]["containers"][0]
-                try:
-                    env = self._resolve_env(pod, container)
-                    break
-                except _EnvError as exc:
-                    state = {
-                        "waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}
-                    }
-                    if pod["status"].get("containerStatuses", [{}])[0].get("state") != state:
-                        pod["status"]["containerStatuses"] = [
-                            self._container_status(container, state)
-                        ]
-                        self._touch("pods", pod, "MODIFIED")
-                    self._changed.wait(0.5)
-
-            # (lock released between attempts)
-
-        with self._lock:
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            argv = [*container.get("command", []), *container.get("args", [])]
-            started = _now()
-            try:
-                if not argv:
-                    raise ValueError(
-                        "the emulator cannot run an image's default entrypoint: give the "
-                        "container a command"
-                    )
-                if _PYTHON.match(os.path.basename(argv[0])):
-                    argv[0] = self.python
-                cwd = container.get("workingDir")
-                if not (cwd and os.path.isdir(cwd)):
-                    cwd = self.cwd
-                assert self._tmpdir is not None
-                log_path = os.path.join(self._tmpdir, f"{uid}.log")
-                with open(log_path, "wb") as log:
-                    proc = subprocess.Popen(
-                        argv,
-                        env=env,
-                        cwd=cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-            except (OSError, ValueError) as exc:
-                pod["status"].update(phase="Failed")
-                pod["status"]["containerStatuses"] = [
-                    self._container_status(
-                        container,
-                        {
-                            "terminated": {
-                                "exitCode": 128,
-                                "reason": "StartError",
-                                "message": f"{type(exc).__name__}: {exc}",
-                                "startedAt": started,
-                                "finishedAt": _now(),
-                            }
-                        },
-                    )
-                ]
-                self._touch("pods", pod, "MODIFIED")
-                return
-            self._containers[uid] = _Container(name, proc, log_path)
-            pod["status"].update(
-                phase="Running",
-                podIP=self.pod_ip,
-                podIPs=[{"ip": self.pod_ip}],
-                startTime=started,
-            )
-            pod["status"]["conditions"] = [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "Ready", "status": "True"},
-            ]
-            pod["status"]["containerStatuses"] = [
-                self._container_status(container, {"running": {"startedAt": started}}, ready=True)
-            ]
-            self._touch("pods", pod, "MODIFIED")
-
-        code = proc.wait()
-
-        with self._lock:
-            c = self._containers.get(uid)
-            if c is not None and c.kill_timer is not None:
-                c.kill_timer.cancel()
-            pod = self._live(ns, name, uid)
-            if pod is None:
-                return
-            # killed by a signal: 128 + signal number, as a container runtime reports it
-            exit_code = code if code >= 0 else 128 - code
-            pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
-            pod["status"]["conditions"] = [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Ready", "status": "False", "reason": "PodCompleted"},
-            ]
-            pod["status"]["containerStatuses"] = [
-                self._container_status(
-                    container,
-                    {
-                        "terminated": {
-                            "exitCode": exit_code,
-                            "reason": "Completed" if code == 0 else "Error",
-                            "startedAt": started,
-                            "finishedAt": _now(),
-                        }
-                    },
-                )
-            ]
-            self._touch("pods", pod, "MODIFIED")
-            if pod["metadata"].get("deletionTimestamp"):
-                self._remove("pods", ns, name, self._propagation.get(uid, "Background"))
-
-    def _resolve_env(self, pod: JSON, container: JSON) -> dict[str, str]:
-        ns = pod["metadata"]["namespace"]
-        env: dict[str, str] = {"PATH": os.environ.get("PATH", os.defpath)}
-        env.update(self.image_env)
-        env["HOSTNAME"] = pod["metadata"]["name"]
-
-        def secret_value(ref: JSON, what: str) -> str | None:
-            secret = self._objects.get(("secrets", ns, ref["name"]))
-            if secret is None:
-                if ref.get("optional"):
-                    return None
-                raise _EnvError(f'secret "{ref["name"]}" not found')
-            raw = (secret.get("data") or {}).get(ref["key"])
-            if raw is None:
-                if ref.get("optional"):
-                    return None
-                raise _EnvError(f"couldn't find key {ref['key']} in Secret {ns}/{ref['name']}")
-            return base64.b64decode(raw).decode("utf-8", errors="replace")
-
-        for source in container.get("envFrom") or []:
-            if "secretRef" in source:
-                secret = self._objects.get(("secrets", ns, source["secretRef"]["name"]))
-                if secret is None:
-                    if source["secretRef"].get("optional"):
-                        continue
-                    raise _EnvError(f'secret "{source["secretRef"]["name"]}" not found')
-                for key, raw in (secret.get("data") or {}).items():
-                    env[source.get("prefix", "") + key] = base64.b64decode(raw).decode(
-                        "utf-8", errors="replace"
-                    )
-            else:
-                raise _EnvError("the emulator serves no ConfigMaps (envFrom.configMapRef)")
-        for entry in container.get("env") or []:
-            var = entry["name"]
-            if "value" in entry:
-                env[var] = entry["value"]
-                continue
-            source = entry.get("valueFrom") or {}
-            if "secretKeyRef" in source:
-                value = secret_value(source["secretKeyRef"], var)
-                if value is not None:
-                    env[var] = value
-            elif "fieldRef" in source:
-                env[var] = self._field_ref(pod, source["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in source:
-                env[var] = "0"
-            elif "configMapKeyRef" in source:
-                raise _EnvError("the emulator serves no ConfigMaps (configMapKeyRef)")
-            else:
-                env[var] = ""
-        return env
-
-    def _field_ref(self, pod: JSON, path: str) -> str:
-        meta = pod["metadata"]
-        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
-        if m:
-            return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
-        values: dict[str, str] = {
-            "metadata.name": meta["name"],
-            "metadata.namespace": meta["namespace"],
-            "metadata.uid": meta["uid"],
-            "spec.nodeName": _NODE_NAME,
-            "spec.serviceAccountName": pod["spec"].get("serviceAccountName", "default"),
-            "status.podIP": self.pod_ip,
-            "status.podIPs": self.pod_ip,
-            "status.hostIP": "127.0.0.1",
-            "status.hostIPs": "127.0.0.1",
-        }
-        if path not in values:
-            raise _EnvError(f"unsupported fieldRef {path!r}")
-        return values[path]
-
     # -- HTTP ------------------------------------------------------------------------------
-    def _check_access(self, verb: str, resource: str, ns: str | None) -> None:
+    def _check_access(self, verb: str, resource: str, ns: str | None, ctx: JSON) -> None:
         self.calls.append((verb, resource))
+
+        def applies(rule: _Rule) -> bool:
+            return rule.verb == verb and rule.resource == resource
+
+        if self._take_rule("drop", applies) is not None:
+            raise _Dropped
+        ctx["lose"] = self._take_rule("lose", applies)
         denied = self.allow is not None and verb not in self.allow.get(resource, frozenset())
         if not denied:
-            denied = (
-                self._take_rule("forbid", lambda r: r.verb == verb and r.resource == resource)
-                is not None
-            )
+            denied = self._take_rule("forbid", applies) is not None
         if denied:
             where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
             raise _ApiFailure(
@@ -1125,7 +728,18 @@ class KubernetesAPIEmulator:
                 kind=resource,
             )
 
+    def _reply(self, req: Handler, ctx: JSON, code: int, doc: Any) -> None:
+        """Answer, unless an injected failure loses the answer (after its delay)."""
+        lose: _Rule | None = ctx.get("lose")
+        if lose is None:
+            req.send_json(code, doc)
+            return
+        if lose.delay > 0:
+            self._closed.wait(lose.delay)
+        req.hang_up()
+
     def _handle(self, req: Handler, method: str) -> None:
+        ctx: JSON = {}
         try:
             url = urlsplit(req.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -1134,9 +748,11 @@ class KubernetesAPIEmulator:
                 raise _ApiFailure(401, "Unauthorized", "Unauthorized")
             body = req.read_body()
             parts = [p for p in url.path.split("/") if p]
-            self._route(req, method, parts, query, body)
+            self._route(req, method, parts, query, body, ctx)
         except _ApiFailure as exc:
-            req.send_json(exc.code, exc.status)
+            self._reply(req, ctx, exc.code, exc.status)
+        except _Dropped:
+            req.hang_up()
         except OSError:
             raise  # the client went away
         except Exception as exc:  # a request the emulator cannot make sense of
@@ -1146,13 +762,19 @@ class KubernetesAPIEmulator:
             req.send_json(500, _status(500, "InternalError", message))
 
     def _route(
-        self, req: Handler, method: str, parts: list[str], query: dict[str, str], body: bytes
+        self,
+        req: Handler,
+        method: str,
+        parts: list[str],
+        query: dict[str, str],
+        body: bytes,
+        ctx: JSON,
     ) -> None:
         if parts in (["api"], ["version"]):
             doc: JSON = (
                 {"kind": "APIVersions", "versions": ["v1"]}
                 if parts == ["api"]
-                else {"major": "1", "minor": "30", "gitVersion": "v1.30.0-flame-emulator"}
+                else {"major": "1", "minor": "20", "gitVersion": "v1.20.2-flame-emulator"}
             )
             req.send_json(200, doc)
             return
@@ -1173,64 +795,83 @@ class KubernetesAPIEmulator:
 
         if name is None:
             if method == "GET":
-                self._check_access("watch" if watch else "list", resource, ns)
+                self._check_access("watch" if watch else "list", resource, ns, ctx)
                 if watch:
                     self._serve_watch(req, resource, ns, query)
                 else:
-                    req.send_json(200, self._list(resource, ns, query))
+                    self._reply(req, ctx, 200, self._list(resource, ns, query))
                 return
             if method == "POST" and ns is not None:
-                self._check_access("create", resource, ns)
+                self._check_access("create", resource, ns, ctx)
                 doc = self._decode(body)
                 with self._lock:
                     out = copy.deepcopy(self._create(resource, ns, doc))
-                req.send_json(201, out)
+                self._reply(req, ctx, 201, out)
                 return
-            raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
+            raise _ApiFailure(405, "MethodNotAllowed", _NOT_ALLOWED)
         if ns is None:
             raise _ApiFailure(404, "NotFound", "the server could not find the requested resource")
         if sub == "log":
             if method != "GET":
-                raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
-            self._check_access("get", "pods/log", ns)
+                raise _ApiFailure(405, "MethodNotAllowed", _NOT_ALLOWED)
+            self._check_access("get", "pods/log", ns, ctx)
             self._serve_log(req, ns, name, query)
             return
         if method == "GET":
-            self._check_access("get", resource, ns)
+            self._check_access("get", resource, ns, ctx)
             with self._lock:
                 out = copy.deepcopy(self._get(resource, ns, name))
-            req.send_json(200, out)
+            self._reply(req, ctx, 200, out)
         elif method == "DELETE":
-            self._check_access("delete", resource, ns)
+            self._check_access("delete", resource, ns, ctx)
             options = self._decode(body) if body else {}
             grace_raw = query.get("gracePeriodSeconds", options.get("gracePeriodSeconds"))
             grace = int(grace_raw) if grace_raw is not None else None
             propagation = query.get("propagationPolicy", options.get("propagationPolicy"))
+            _validation.check_propagation(propagation)
             with self._lock:
                 out = copy.deepcopy(
                     self._delete(resource, ns, name, grace, propagation or "Background")
                 )
-            req.send_json(200, out)
+            if resource == "secrets":  # deleted at once: the answer is a Status, not the object
+                uid = out["metadata"]["uid"]
+                out = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Success",
+                    "details": {"name": name, "kind": resource, "uid": uid},
+                }
+            self._reply(req, ctx, 200, out)
         elif method == "PATCH":
-            self._check_access("patch", resource, ns)
+            self._check_access("patch", resource, ns, ctx)
             content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip()
             patch = self._decode(body)
             with self._lock:
                 out = copy.deepcopy(self._patch(resource, ns, name, patch, content_type))
-            req.send_json(200, out)
+            self._reply(req, ctx, 200, out)
         else:
-            raise _ApiFailure(405, "MethodNotAllowed", f"{method} is not allowed here")
+            raise _ApiFailure(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
 
     @staticmethod
     def _decode(body: bytes) -> Any:
         try:
             return json.loads(body or b"{}")
         except ValueError:
-            raise _ApiFailure(400, "BadRequest", "the request body is not JSON") from None
+            raise _ApiFailure(
+                400,
+                "BadRequest",
+                "the object provided is unrecognized: couldn't get version/kind; json parse error",
+            ) from None
 
-    def _matcher(self, query: Mapping[str, str]) -> Callable[[JSON], bool]:
+    def _matcher(self, resource: str, query: Mapping[str, str]) -> Callable[[JSON], bool]:
         label_tests = _parse_selector(query.get("labelSelector", ""), fields=False)
         field_tests = _parse_selector(query.get("fieldSelector", ""), fields=True)
+        _validation.check_field_selector(resource, [t.key for t in field_tests])
 
         def match(obj: JSON) -> bool:
             labels = obj["metadata"].get("labels") or {}
@@ -1239,8 +880,24 @@ class KubernetesAPIEmulator:
 
         return match
 
+    @staticmethod
+    def _resource_version(query: Mapping[str, str]) -> int | None:
+        since = query.get("resourceVersion")
+        if since in (None, ""):
+            return None
+        try:
+            return int(str(since))
+        except ValueError:
+            raise _ApiFailure(
+                500,
+                "",
+                f'resourceVersion: Invalid value: "{since}": strconv.ParseUint: parsing '
+                f'"{since}": invalid syntax',
+            ) from None
+
     def _list(self, resource: str, ns: str | None, query: Mapping[str, str]) -> JSON:
-        match = self._matcher(query)
+        match = self._matcher(resource, query)
+        self._resource_version(query)
         with self._lock:
             items = [
                 copy.deepcopy(obj)
@@ -1257,22 +914,19 @@ class KubernetesAPIEmulator:
     def _serve_watch(
         self, req: Handler, resource: str, ns: str | None, query: Mapping[str, str]
     ) -> None:
-        match = self._matcher(query)
+        match = self._matcher(resource, query)
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
-        since = query.get("resourceVersion")
+        since = self._resource_version(query)
         with self._lock:
             initial: list[JSON] = []
-            if since in (None, "", "0"):
+            if not since:
                 for (res, obj_ns, _), obj in sorted(self._objects.items()):
                     if res == resource and (ns is None or obj_ns == ns) and match(obj):
                         initial.append({"type": "ADDED", "object": copy.deepcopy(obj)})
                 cursor = self._rv
             else:
-                try:
-                    cursor = int(str(since))
-                except ValueError:
-                    raise _ApiFailure(400, "BadRequest", "invalid resourceVersion") from None
+                cursor = since
             position = len(self._events)
             while position > 0 and self._events[position - 1][0] > cursor:
                 position -= 1
@@ -1312,18 +966,69 @@ class KubernetesAPIEmulator:
     def _serve_log(self, req: Handler, ns: str, name: str, query: Mapping[str, str]) -> None:
         with self._lock:
             pod = self._get("pods", ns, name)
-            container = self._containers.get(pod["metadata"]["uid"])
-            if container is None:
+            path = self._log_path(pod["metadata"]["uid"])
+            if path is None and not pod["spec"].get("nodeName"):
+                req.send_body(204, b"", "text/plain")  # as v1.20 answers for a Pod on no node
+                return
+            if path is None:
                 first = pod["spec"]["containers"][0]["name"]
                 raise _ApiFailure(
                     400,
                     "BadRequest",
                     f'container "{first}" in pod "{name}" is waiting to start: ContainerCreating',
                 )
-        with open(container.log_path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         tail = query.get("tailLines")
         if tail is not None:
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
         req.send_text(200, text)
+
+
+class _KubeletView:
+    """The emulator as its stand-in kubelet sees it (:class:`flame.testing._kubelet.PodStore`)."""
+
+    def __init__(self, emulator: KubernetesAPIEmulator) -> None:
+        self._emu = emulator
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._emu._lock
+
+    @property
+    def changed(self) -> threading.Condition:
+        return self._emu._changed
+
+    @property
+    def python(self) -> str:
+        return self._emu.python
+
+    @property
+    def cwd(self) -> str | None:
+        return self._emu.cwd
+
+    @property
+    def image_env(self) -> dict[str, str]:
+        return self._emu.image_env
+
+    @property
+    def pod_ip(self) -> str:
+        return self._emu.pod_ip
+
+    def live_pod(self, ns: str, name: str, uid: str) -> JSON | None:
+        return self._emu._live(ns, name, uid)
+
+    def touch_pod(self, pod: JSON) -> None:
+        self._emu._touch("pods", pod, "MODIFIED")
+
+    def finish_deletion(self, ns: str, name: str) -> None:
+        obj = self._emu._objects.get(("pods", ns, name))
+        uid = obj["metadata"]["uid"] if obj else ""
+        self._emu._remove("pods", ns, name, self._emu._propagation.get(uid, "Background"))
+
+    def secret(self, ns: str, name: str) -> JSON | None:
+        return self._emu._objects.get(("secrets", ns, name))
+
+    def take_failure(self, action: str, match: Callable[[Any], bool]) -> _Rule | None:
+        return self._emu._take_rule(action, match)
