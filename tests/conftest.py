@@ -133,7 +133,7 @@ def _docker(stacks: Stacks) -> Callable[[], flame.Backend]:
 
 
 #: backends that need a real service (a platform tier of ``.ci/run``), selected only by
-#: ``FLAME_TEST_BACKENDS``; their factories skip (``platforms.unavailable``) when the
+#: ``FLAME_TEST_BACKENDS`` (``tests/platforms/``); their factories skip, saying why, when the
 #: service cannot start here
 PLATFORMS: dict[str, BackendFactory] = {
     "docker": _docker,
