@@ -392,7 +392,8 @@ class Kernel:
     def interrupted(self, code: str, started: Callable[[], object]) -> str:
         """Execute ``code``, interrupt the kernel once ``started()`` is true (the kernel's
         interrupt button), and return the name of the exception the cell ended with."""
-        msg_id = self.client.execute(code)
+        # (stop_on_error=False: the kernel would otherwise abort the cells sent right after)
+        msg_id = self.client.execute(code, stop_on_error=False)
         wait_until(started, 30, message="the cell's work did not start")
         self.manager.interrupt_kernel()
         while True:
