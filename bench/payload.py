@@ -121,15 +121,19 @@ def _round_trips(
     raw = payload if kind == "bytes" else payload.tobytes()
     tcp.round_trip(raw)
     flame.call(pool, echo, payload)
-    tcp_times, our_times = interleaved(
-        [each(lambda: tcp.round_trip(raw)), each(lambda: flame.call(pool, echo, payload))],
-        runs,
-        rounds=runs,
-    )
+    samplers = [each(lambda: tcp.round_trip(raw)), each(lambda: flame.call(pool, echo, payload))]
+    if kind == "bytes":  # what each side must do at least: copy the bytes into a new object
+        in_place = memoryview(bytearray(raw))
+        samplers.append(each(lambda: bytes(in_place)))
+    times = interleaved(samplers, runs, rounds=runs)
     # MB/s counts the bytes moved: there and back
-    base = rated(figure(GROUP, f"bare TCP loopback, reused buffers: {label}", tcp_times), 2 * size)
-    fig = rated(figure(GROUP, f"flame.call(pool, echo, payload): {label}", our_times), 2 * size)
-    return [base, relate(fig, base)]
+    base = rated(figure(GROUP, f"bare TCP loopback, reused buffers: {label}", times[0]), 2 * size)
+    fig = rated(figure(GROUP, f"flame.call(pool, echo, payload): {label}", times[1]), 2 * size)
+    figs = [base, relate(fig, base)]
+    if kind == "bytes":
+        copy = f"bytes(memoryview) of {size_mb} MB in memory: the copy into a new bytes"
+        figs.append(rated(figure(GROUP, copy, times[2]), size))
+    return figs
 
 
 def _pair(

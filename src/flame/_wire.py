@@ -258,7 +258,7 @@ class Connection:
     """One framed, heartbeated connection, writable from any thread.
 
     Reading happens first in ``loop`` through ``add_reader`` (the handshake: one
-    ``recv_into`` per readiness, large frames straight into their own buffer), then, after
+    ``recv_into`` per readiness, large frames into a buffer of their own: see below), then, after
     :meth:`read_in_threads`, in whichever thread calls :meth:`read_frames` (one at a time;
     the last one releases the socket with :meth:`reader_done`). Writing is thread-safe: a
     small frame joins an outbox that the holder of the write lock flushes, several frames per
