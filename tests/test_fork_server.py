@@ -13,6 +13,7 @@ leaves no process behind, and a fork server that dies takes no runner's end unno
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shlex
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 import flame
+from flame import _loop
 from flame._exits import ExitCode
 from flame._parent import LaunchInfo
 from flame.backends import _zygote
@@ -194,6 +196,27 @@ def test_a_changed_environment_reaches_new_runners(
     assert _ppid(after["ppid"]) == os.getpid()
 
 
+class PerRunnerEnv(flame.ProcessBackend):
+    """Gives each runner a variable of its own in its launch (as FLAME_PARENT is)."""
+
+    async def boot(self, launch: flame.RunnerLaunch) -> flame.RunnerHandle:
+        env = {**launch.env, "FLAME_TEST_RUNNER": launch.runner_id}
+        return await super().boot(dataclasses.replace(launch, env=env))
+
+
+@pytest.mark.timeout(30)
+def test_what_a_launch_sets_for_one_runner_reaches_it_from_the_shared_fork_server(
+    runner_pids_seen: set[int],
+) -> None:
+    with flame.Pool("fork-launch-env", max=2, max_concurrency=1, backend=PerRunnerEnv()) as pool:
+        first = pool.call(work.whereami)
+        again = _where(PerRunnerEnv(), "fork-launch-env-2")
+    runner_pids_seen.update((first["pid"], again["pid"]))
+    assert first["env"]["FLAME_TEST_RUNNER"].startswith("fork-launch-env-")
+    assert again["env"]["FLAME_TEST_RUNNER"].startswith("fork-launch-env-2-")
+    assert first["ppid"] == again["ppid"] != os.getpid()  # one fork server for both
+
+
 @pytest.mark.timeout(40)
 def test_a_dead_fork_server_loses_no_runner_and_is_replaced(
     runner_pids_seen: set[int],
@@ -208,8 +231,8 @@ def test_a_dead_fork_server_loses_no_runner_and_is_replaced(
         assert pool.call(work.whereami)["pid"] == where["pid"]
         handle = backend.handles[0]
         os.kill(where["pid"], signal.SIGKILL)
-        wait_until(lambda: handle.proc.poll() is not None or handle.proc.status_lost, 10)
-        assert "exit status was lost" in handle._exited.result()
+        assert "exit status was lost" in _loop.run(handle.wait(), timeout=10)
+        assert handle.proc.poll() is None and handle.proc.status_lost
         # the next runner comes from a new fork server
         wait_until(lambda: pool.stats().runners == 0, 10)
         fresh = pool.call(work.whereami)
@@ -236,7 +259,8 @@ def test_a_boot_abandoned_while_forking_leaves_no_runner() -> None:
 
     async def abandon() -> None:
         await server._wait_ready()
-        task = asyncio.ensure_future(server.fork(info.encode(), forward_output=True))
+        env = {"FLAME_PARENT": info.encode()}
+        task = asyncio.ensure_future(server.fork(env, forward_output=True))
         await asyncio.sleep(0)  # the request is out
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -6,8 +6,9 @@ the runners' own interpreter, environment and working directory, imports the run
 modules and whatever the backend was asked to ``preload``, freezes what it has for the
 garbage collector, and then forks one child per runner on request. The child becomes a
 runner exactly where ``python -m flame runner`` would have started: a new session, fd 0 on
-``/dev/null``, fd 1 and 2 on the descriptors the parent sent along, ``FLAME_PARENT`` set in
-its environment (from the request, never from a command line), and its command line
+``/dev/null``, fd 1 and 2 on the descriptors the parent sent along, ``FLAME_PARENT`` (and
+whatever else the launch sets for this runner alone) set in its environment from the
+request, never from a command line, and its command line
 renamed from ``zygote`` to ``runner``, so that ``ps`` (and the test suite's leak checks) see
 a runner.
 
@@ -17,7 +18,8 @@ process) and :func:`main` (the zygote). They talk over one ``AF_UNIX`` ``SOCK_SE
 socket pair, one JSON object per message, descriptors passed alongside (``SCM_RIGHTS``):
 
 ==========  ==================================================================================
-parent      ``{"preload": [...]}`` once; then ``{"fork": id, "parent": FLAME_PARENT}`` with
+parent      ``{"sys_path": [...], "preload": [...]}`` once; then ``{"fork": id, "env": {...}}``
+            (``FLAME_PARENT`` and the launch's other variables for this runner) with
             the runner's stdout and stderr (one descriptor for both, or two).
 zygote      ``{"ready": pid}`` or ``{"failed": why}`` (then it exits); ``{"forked": id, "pid":
             pid}`` with a pidfd of the child, or ``{"refused": id, "why": ...}``; and
@@ -234,8 +236,9 @@ class ForkServer:
             return self.state == "starting" or bool(self._children) or bool(self._pending)
 
     # -- asking for a runner (the event loop) -------------------------------------------------
-    async def fork(self, flame_parent: str, forward_output: bool) -> ForkedProcess:
-        """A new runner, forked with ``FLAME_PARENT=flame_parent``; its stdout and stderr go
+    async def fork(self, env: Mapping[str, str], forward_output: bool) -> ForkedProcess:
+        """A new runner, forked with ``env`` added to its environment (``FLAME_PARENT``, and
+        any other variable of this runner's launch); its stdout and stderr go
         to a pipe (``ForkedProcess.stdout``) with ``forward_output``, else to ours. Raises
         :class:`Unavailable` if the zygote cannot do it."""
         await self._wait_ready()
@@ -255,7 +258,7 @@ class ForkServer:
                 self._pending[request] = (future, stdout)
         try:
             if sock is not None and not future.done():
-                _send(sock, {"fork": request, "parent": flame_parent}, fds)
+                _send(sock, {"fork": request, "env": dict(env)}, fds)
         except OSError as exc:
             with self._lock:
                 self._pending.pop(request, None)
@@ -477,10 +480,11 @@ def server_for(
     sys_path: Sequence[str],
     preload: tuple[str, ...],
 ) -> ForkServer | None:
-    """The fork server for runners of this interpreter, environment (``FLAME_PARENT``
-    aside), working directory, ``sys.path`` (what the preload is imported with) and preload
-    list, started on first use and shared by every pool of this process; ``None`` where
-    none can be had (it failed to start, or too many others are busy): spawn then."""
+    """The fork server for runners of this interpreter, environment (what every runner of
+    the backend gets; ``FLAME_PARENT`` and the launch's other variables aside), working
+    directory, ``sys.path`` (what the preload is imported with) and preload list, started
+    on first use and shared by every pool of this process; ``None`` where none can be had
+    (it failed to start, or too many others are busy): spawn then."""
     key: _Key = (python, cwd, tuple(sorted(env.items())), tuple(sys_path), preload)
     with _servers_lock:
         server = _servers.get(key)
@@ -573,12 +577,17 @@ class _Zygote:
             if why:
                 _send(self.sock, {"refused": request, "why": why})
                 return
-            self._fork(request, str(doc["parent"]), fds)
+            env = doc.get("env")
+            if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+            ):
+                raise OSError("a malformed request")
+            self._fork(request, env, fds)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _fork(self, request: int, flame_parent: str, fds: list[int]) -> None:
+    def _fork(self, request: int, env: dict[str, str], fds: list[int]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -587,13 +596,13 @@ class _Zygote:
             _send(self.sock, {"refused": request, "why": f"fork failed: {exc.strerror}"})
             return
         if pid == 0:
-            self._become_runner(flame_parent, fds)
+            self._become_runner(env, fds)
         pidfd = os.pidfd_open(pid)  # before any reaping: the pid is still this child's
         self.children[pidfd] = pid
         self.poller.register(pidfd, select.POLLIN)
         _send(self.sock, {"forked": request, "pid": pid}, [pidfd])
 
-    def _become_runner(self, flame_parent: str, fds: list[int]) -> None:
+    def _become_runner(self, env: dict[str, str], fds: list[int]) -> None:
         """In the new child: take the place of ``python -m flame runner``. Never returns."""
         try:
             os.setsid()
@@ -605,8 +614,8 @@ class _Zygote:
             for fd in {null, *fds, *self.children, self.sock.detach()}:
                 if fd > 2:
                     os.close(fd)
-            os.environ["FLAME_PARENT"] = flame_parent
-            del flame_parent
+            os.environ.update(env)  # the runner removes FLAME_PARENT at once
+            del env
             sys.argv[1:] = ["runner"]
             _rename_as_runner()
             from .._child._main import main as runner_main

@@ -244,8 +244,8 @@ class ProcessBackend(Backend):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
         cwd = self.cwd or os.getcwd()
         proc: subprocess.Popen[bytes] | ForkedProcess | None = None
-        if self._forks and tuple(launch.argv) == _RUNNER_ARGV and "FLAME_PARENT" in env:
-            proc = await self._fork(env, cwd, launch.forward_output)
+        if self._forks and tuple(launch.argv) == _RUNNER_ARGV:
+            proc = await self._fork(env, launch, cwd)
         if proc is None:
             proc = await self._spawn(launch, env, cwd)
         handle = ProcessHandle(proc, asyncio.get_running_loop())
@@ -253,15 +253,17 @@ class ProcessBackend(Backend):
         return handle
 
     async def _fork(
-        self, env: Mapping[str, str], cwd: str, forward_output: bool
+        self, env: Mapping[str, str], launch: RunnerLaunch, cwd: str
     ) -> ForkedProcess | None:
-        """A runner from the fork server, or ``None`` if it cannot make one (then spawn)."""
-        base = {k: v for k, v in env.items() if k != "FLAME_PARENT"}
+        """A runner from the fork server, or ``None`` if it cannot make one (then spawn).
+        The server is the one for what every runner of this backend gets; what this runner
+        alone gets (``launch.env``: ``FLAME_PARENT``) travels with the request."""
+        base = {k: v for k, v in env.items() if k not in launch.env}
         server = _zygote.server_for(self.python, base, cwd, sys.path, self.preload)
         if server is None:
             return None
         try:
-            return await server.fork(env["FLAME_PARENT"], forward_output)
+            return await server.fork(launch.env, launch.forward_output)
         except _zygote.Unavailable as exc:
             logger.debug("flame: spawning a runner, not forking it: %s", exc)
             return None
