@@ -307,3 +307,14 @@ def test_the_fork_server_does_not_outlive_a_killed_parent(tmp_path: Path) -> Non
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_fork_server_closed_while_starting_fails_its_boots_at_once() -> None:
+    """Whoever waits for a fork server that will never be ready hears so (and spawns)."""
+    server = _zygote.ForkServer(sys.executable, dict(os.environ), os.getcwd(), sys.path, ())
+    server.close(wait=10)
+    with pytest.raises(_zygote.Unavailable):
+        asyncio.run(asyncio.wait_for(server.fork({"FLAME_PARENT": "x"}, True), 10))
+    wait_until(lambda: server.state in ("gone", "failed"), 10)
+    assert server._proc is not None and server._proc.poll() is not None

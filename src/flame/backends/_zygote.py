@@ -282,19 +282,19 @@ class ForkServer:
 
     # -- the thread -------------------------------------------------------------------------------
     def _run(self) -> None:
+        what = "it could not start"
         try:
             self._start()
-        except Exception as exc:
-            self._fail(f"it could not start: {type(exc).__name__}: {exc}")
-            return
-        try:
+            what = "it broke its protocol"  # the zygote is not to be trusted then
             self._read()
-        except Exception as exc:  # a protocol error: the zygote is not to be trusted
-            self._fail(f"it broke its protocol: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self._fail(f"{what}: {type(exc).__name__}: {exc}")
         finally:
             self._gone()
 
     def _start(self) -> None:
+        if self.state != "starting":
+            raise Unavailable("it was closed before it started")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(self.env)
         env[FD_VAR] = str(theirs.fileno())
@@ -308,6 +308,9 @@ class ForkServer:
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         with self._lock:
@@ -344,7 +347,11 @@ class ForkServer:
                         future.set_exception(Unavailable(str(doc.get("why", "refused"))))
             elif "ready" in doc:
                 with self._lock:
-                    self.state = "ready"
+                    ready = self.state == "starting"
+                    if ready:
+                        self.state = "ready"
+                if not ready:  # closed while it started: let it go
+                    return
                 self._ready.set_result(None)
             elif "failed" in doc:
                 self._fail(str(doc["failed"]))
@@ -381,29 +388,33 @@ class ForkServer:
             self._ready.set_exception(Unavailable(reason))
 
     def _gone(self) -> None:
-        """The zygote is gone: fail what waits, and keep watching its runners' pidfds."""
-        proc = self._proc
+        """The zygote is gone, or to be: reap it, fail what waits, and keep watching its
+        runners' pidfds."""
+        with self._lock:
+            sock, proc = self._sock, self._proc
+        if sock is not None:
+            sock.close()  # a zygote still running sees its socket close, and exits
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
         if self.state == "starting":
-            code = proc.wait() if proc is not None else None
             self._fail(f"it exited with code {code} before it was ready")
         with self._lock:
             if self.state != "failed":
                 self.state = "gone"
                 self.reason = self.reason or "the fork server exited"
             pending, self._pending = self._pending, {}
-            sock, proc = self._sock, self._proc
-        if not self._ready.done():
-            self._ready.set_exception(Unavailable(self.reason or "the fork server exited"))
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # closed while starting
+            self._ready.set_exception(Unavailable(self.reason))
         for future, stdout in pending.values():
             if stdout is not None:
                 stdout.close()
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 future.set_exception(Unavailable(self.reason))
-        if sock is not None:
-            sock.close()
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5.0)
         self._watch_orphans()
 
     def _watch_orphans(self) -> None:
