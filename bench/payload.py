@@ -6,11 +6,20 @@ runner builds it; the same ``make_payload`` is also timed in the parent and repo
 own row, so the reader can see what creating the payload costs (nothing is subtracted).
 Each transfer is related to ``ProcessPoolExecutor(1)`` doing the same, and reported as
 time and as MB/s (payload size over median time).
+
+Round trips: ``flame.call(pool, echo, payload)`` (the payload there and back) against the
+floor for moving those bytes, a bare TCP loopback round trip of the same bytes between
+this process and an echo process (``python -m bench.payload --tcp-echo``), both ends
+receiving into buffers they reuse, with the same sampling in turns.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import socket
+import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +43,97 @@ from .work import make_payload, noop, payload_size
 
 GROUP = "payloads (MB/s = size / median time)"
 KINDS = ("bytes", "ndarray")
+_LENGTH = struct.Struct("!Q")
+
+
+def echo(payload: Any) -> Any:
+    return payload
+
+
+class TcpEcho:
+    """A bare TCP loopback round trip: send the bytes, receive them back into a buffer
+    reused from one round trip to the next (the echo process does the same)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.payload", "--tcp-echo"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+
+    def round_trip(self, payload: bytes) -> None:
+        n = len(payload)
+        if len(self.buf) < n:
+            self.buf = bytearray(n)
+        self.sock.sendall(_LENGTH.pack(n))
+        self.sock.sendall(payload)
+        _recv_exactly(self.sock, memoryview(self.buf)[:n])
+
+    def close(self) -> None:
+        self.sock.close()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.proc.wait(10)
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("the echo process went away")
+        got += n
+
+
+def _tcp_echo_server() -> None:
+    """The echo process: each message (a length, then that many bytes) straight back."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        print(server.getsockname()[1], flush=True)
+        conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = bytearray(_LENGTH.size)
+    buf = bytearray()
+    with conn:
+        while True:
+            try:
+                _recv_exactly(conn, memoryview(head))
+            except ConnectionError:
+                return
+            (n,) = _LENGTH.unpack(head)
+            if len(buf) < n:
+                buf = bytearray(n)
+            view = memoryview(buf)[:n]
+            _recv_exactly(conn, view)
+            conn.sendall(view)
+
+
+def _round_trips(
+    pool: flame.Pool, tcp: TcpEcho, kind: str, size_mb: int, runs: int
+) -> list[Figure]:
+    size = size_mb * MB
+    label = f"{size_mb} MB {kind} round trip"
+    payload = make_payload(kind, size)
+    raw = payload if kind == "bytes" else payload.tobytes()
+    tcp.round_trip(raw)
+    flame.call(pool, echo, payload)
+    samplers = [each(lambda: tcp.round_trip(raw)), each(lambda: flame.call(pool, echo, payload))]
+    if kind == "bytes":  # what each side must do at least: copy the bytes into a new object
+        in_place = memoryview(bytearray(raw))
+        samplers.append(each(lambda: bytes(in_place)))
+    times = interleaved(samplers, runs, rounds=runs)
+    # MB/s counts the bytes moved: there and back
+    base = rated(figure(GROUP, f"bare TCP loopback, reused buffers: {label}", times[0]), 2 * size)
+    fig = rated(figure(GROUP, f"flame.call(pool, echo, payload): {label}", times[1]), 2 * size)
+    figs = [base, relate(fig, base)]
+    if kind == "bytes":
+        copy = f"bytes(memoryview) of {size_mb} MB in memory: the copy into a new bytes"
+        figs.append(rated(figure(GROUP, copy, times[2]), size))
+    return figs
 
 
 def _pair(
@@ -95,4 +195,17 @@ def bench_payloads(counts: Counts) -> list[Figure]:
         for kind in KINDS:
             for size_mb in counts.payload_sizes_mb:
                 figs += _one_size(ex, pool, kind, size_mb, counts.payload_runs(size_mb))
+        tcp = TcpEcho()
+        try:
+            for kind in KINDS:
+                if kind == "ndarray" and not have("numpy"):
+                    continue
+                size_mb = max(counts.payload_sizes_mb)
+                figs += _round_trips(pool, tcp, kind, size_mb, counts.payload_runs(size_mb))
+        finally:
+            tcp.close()
     return figs
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--tcp-echo"]:
+    _tcp_echo_server()

@@ -43,12 +43,14 @@ from ._parent import Parent, parent
 from ._pool import Pool, PoolStats
 from ._settings import configure
 from ._version import __version__
-from .backends import Backend, LocalBackend, ProcessBackend, RunnerHandle, RunnerLaunch
+from .backends import Backend, RunnerHandle, RunnerLaunch
 
 if TYPE_CHECKING:
     from .backends.docker import DockerBackend
     from .backends.fly import FlyBackend
     from .backends.kubernetes import KubernetesBackend
+    from .backends.local import LocalBackend
+    from .backends.process import ProcessBackend
 
 __all__ = [
     "Backend",
@@ -85,7 +87,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # the cloud backends load their optional dependencies only when asked for
+    # the backends are imported when first asked for: the cloud ones load optional
+    # dependencies, and a process that uses none of them pays nothing at `import flame`
+    if name in ("LocalBackend", "ProcessBackend"):
+        from . import backends
+
+        return getattr(backends, name)
     if name == "FlyBackend":
         from .backends.fly import FlyBackend
 

@@ -1,4 +1,5 @@
-"""``python -m flame runner`` (also the console script ``flame runner``)."""
+"""``python -m flame runner`` (also the console script ``flame runner``), and
+``python -m flame zygote``, ``ProcessBackend``'s fork server (``flame.backends._zygote``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def main(argv: list[str] | None = None) -> None:
         from ._child._main import main as runner_main
 
         runner_main()
+        return
+    if args[:1] == ["zygote"]:
+        from .backends._zygote import main as zygote_main
+
+        zygote_main()
         return
     sys.stderr.write(USAGE)
     raise SystemExit(2)

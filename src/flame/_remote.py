@@ -85,6 +85,9 @@ class WireLink:
                     wake_all(wakes)
                 if rest:
                     loop.call_soon_threadsafe(conn.deliver, rest, self._on_frame)
+                # hold no body while blocked in the next read: a large body's buffer can
+                # then take the next large frame (flame._wire.Connection._body_buffer)
+                del frames, body, rest
         except _wire.ProtocolError as exc:
             conn._fail(f"protocol error: {exc}")
         except RuntimeError:  # the loop is closed: the process is ending

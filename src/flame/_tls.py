@@ -17,13 +17,11 @@ write, since an OpenSSL connection object must not be used by two threads at onc
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import hmac
 import os
 import socket
 import ssl
-import tempfile
 import threading
 
 _INSTALL_HINT = (
@@ -60,6 +58,9 @@ def server_context() -> tuple[ssl.SSLContext, str]:
 
 
 def _make_server_context() -> tuple[ssl.SSLContext, str]:
+    import datetime  # here, not at import: a pool without TLS never needs them
+    import tempfile
+
     require()
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

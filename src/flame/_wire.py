@@ -11,7 +11,7 @@ objects are "pickled sections": ``!H`` buffer count, one ``!Q`` length per buffe
 pickle stream, then the out-of-band buffers (pickle protocol 5) back to back. The receiver
 reads a large body into one ``bytearray`` and hands ``memoryview`` slices of it to the
 unpickler, so large payloads are copied neither on sending (``sendmsg`` gathers the parts)
-nor on receiving.
+nor on receiving (see :class:`Connection` for where a large body is received).
 
 Handshake (mutual HMAC-SHA256 challenge-response with the per-runner secret)
 ------------------------------------------------------------------------------
@@ -71,6 +71,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import select
 import socket
@@ -117,6 +118,21 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 8.0
 _READ_CHUNK = 64 * 1024  # the scratch buffer: small frames; larger ones get their own
 _SMALL_FRAME = 16 * 1024
+#: a body at least this large is received into the connection's spare buffer when nothing
+#: of that buffer's last frame is still in use, else into a fresh buffer (which becomes
+#: the spare); the spare is let go after _SPARE_KEEP seconds without such a frame
+_REUSE_MIN = 1 << 20
+_SPARE_KEEP = 5.0
+#: the spare is reused for frames down to a quarter of its size, no smaller
+_SPARE_SLACK = 4
+#: only CPython's reference counts tell whether a buffer is still in use somewhere
+_COUNTED = sys.implementation.name == "cpython"
+#: anonymous memory whose pages the kernel fills in one go (Linux), not page by page
+_POPULATE = (
+    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    if hasattr(mmap, "MAP_POPULATE")
+    else 0
+)
 
 
 @dataclass(frozen=True)
@@ -242,13 +258,22 @@ class Connection:
     """One framed, heartbeated connection, writable from any thread.
 
     Reading happens first in ``loop`` through ``add_reader`` (the handshake: one
-    ``recv_into`` per readiness, large frames straight into their own buffer), then, after
+    ``recv_into`` per readiness, large frames into a buffer of their own: see below), then, after
     :meth:`read_in_threads`, in whichever thread calls :meth:`read_frames` (one at a time;
     the last one releases the socket with :meth:`reader_done`). Writing is thread-safe: a
     small frame joins an outbox that the holder of the write lock flushes, several frames per
     ``send`` under load, so no writer waits for another; a large frame is written by its own
     thread. ``on_frame(kind, body)`` (loop reading only) and ``on_close(reason)`` run on the
     loop thread; ``on_close`` exactly once.
+
+    Large bodies (at least ``_REUSE_MIN`` bytes) are received into memory already in
+    place: the connection keeps the buffer of its last large frame (its "spare") and
+    receives the next large frame into it if no memoryview of it is alive any more
+    anywhere (every consumer of a body holds one while it uses it: a ``bytes`` payload is
+    copied out of it when unpickled, and its views are gone after that; a NumPy array made
+    on it keeps one for as long as it lives, and so keeps it from ever being reused). Else
+    the body gets fresh memory whose pages the kernel fills in one go (``MAP_POPULATE``),
+    which becomes the spare. A spare unused for ``_SPARE_KEEP`` seconds is let go.
     """
 
     def __init__(
@@ -280,9 +305,11 @@ class Connection:
         self._outbox: deque[bytes] = deque()  # small frames, whole
         self._scratch = bytearray(scratch)
         self._have = 0  # bytes of the scratch buffer in use
-        self._big: bytearray | None = None  # body being received outside the scratch
+        self._big: memoryview | None = None  # body being received outside the scratch
         self._big_kind = 0
         self._big_fill = 0
+        self._spare: Any = None  # the buffer of the last large frame (bytearray or mmap)
+        self._spare_used = 0.0
         self._hb_handle: asyncio.TimerHandle | None = None
         #: after :meth:`read_in_threads`: frames are read by threads, not the loop
         self._threaded = False
@@ -378,8 +405,8 @@ class Connection:
                 continue
             if length > len(buf) - hsize:
                 # a large frame: give it a buffer of its own and read the rest into it
-                big = bytearray(length)
-                big[:available] = buf[start : self._have]
+                big = self._body_buffer(length)
+                big[:available] = memoryview(buf)[start : self._have]
                 self._big, self._big_kind, self._big_fill = big, kind, available
                 self._have = 0
                 return True
@@ -391,10 +418,38 @@ class Connection:
         self._have = rest
         return True
 
+    def _body_buffer(self, length: int) -> memoryview:
+        """Where a body of ``length`` bytes (too large for the scratch buffer) is received:
+        the spare if nothing holds a view of it any more, else fresh memory (see the class's
+        docstring). One reader at a time."""
+        if length < _REUSE_MIN:
+            return memoryview(bytearray(length))
+        now = time.monotonic()
+        spare = self._spare
+        # three references when free: the attribute, this name, getrefcount's argument
+        if (
+            spare is not None
+            and length <= len(spare) <= length * _SPARE_SLACK
+            and _COUNTED
+            and sys.getrefcount(spare) <= 3
+        ):
+            self._spare_used = now
+            return memoryview(spare)[:length]
+        fresh: Any = None
+        if _POPULATE:
+            try:
+                fresh = mmap.mmap(-1, length, flags=_POPULATE)
+            except OSError:  # no memory to commit at once: let the pages come as touched
+                fresh = None
+        if fresh is None:
+            fresh = bytearray(length)
+        self._spare, self._spare_used = fresh, now
+        return memoryview(fresh)
+
     def _read_big(self) -> None:
         big = self._big
         assert big is not None
-        view = memoryview(big)
+        view = big
         while self._big_fill < len(big):
             n = self._recv_now(view[self._big_fill :], "in the middle of a frame")
             if n <= 0:
@@ -443,7 +498,7 @@ class Connection:
                 return None
             big = self._big
             if big is not None:
-                view = memoryview(big)
+                view = big
                 while self._big_fill < len(big):
                     n = self._recv_blocking(view[self._big_fill :], "in the middle of a frame")
                     if n < 0:
@@ -609,14 +664,19 @@ class Connection:
         self.last_send = time.monotonic()
 
     def _wait_writable(self) -> None:
+        # poll, not select: select cannot watch a descriptor numbered 1024 or more
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
         while True:
             if self.closed:
                 raise ConnectionError(self.close_reason or "connection closed")
             try:
-                _, w, _ = select.select([], [self._fd], [], 0.25)
-            except (OSError, ValueError) as exc:  # fd closed underneath us
+                ready = poller.poll(250)
+            except OSError as exc:
                 raise ConnectionError(self.close_reason or "connection closed") from exc
-            if w:
+            if any(event & select.POLLNVAL for _, event in ready):  # fd closed underneath us
+                raise ConnectionError(self.close_reason or "connection closed")
+            if ready:
                 return
 
     # -- heartbeats (loop thread) ---------------------------------------------------------------
@@ -630,6 +690,8 @@ class Connection:
                 return
             if now - self.last_send >= interval * 0.5:
                 self.send_soon(PING)
+            if self._spare is not None and now - self._spare_used > _SPARE_KEEP:
+                self._spare = None  # a reader holding it keeps it to the end of its frame
             self._hb_handle = self.loop.call_later(interval, beat)
 
         self.last_recv = time.monotonic()

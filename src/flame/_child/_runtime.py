@@ -141,6 +141,7 @@ class RunnerSession:
                 return
             self._vacate()
             self.executor.run(*taken)
+            del taken  # its body's buffer can take the next large frame (_wire._body_buffer)
             if not self._reclaim():
                 return  # the control loop made another worker the leader meanwhile
 
