@@ -1,7 +1,7 @@
 """The pool at batch scale (issue 17): the scaling core's cost per event, and real batches.
 
 **The core alone** (``flame._scaling.Scaler``, no I/O), against the core as it was before it
-was indexed (the reference model in ``tests/helpers/scaling_reference.py``), both measured in
+was indexed (the reference model in ``tests/helpers/parent/scaling_reference.py``), both measured in
 this run:
 
 * *churn*: a pool of ``R`` runners with ``max_concurrency=4``, every slot taken, ``W``
@@ -102,7 +102,9 @@ OLD_SAMPLES = 3  # the old core's samples per cell (one takes up to a second at 
 #: OS gives other processes would otherwise land in whichever sample it hits
 _clock = time.thread_time
 
-REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "scaling_reference.py"
+REFERENCE = (
+    Path(__file__).resolve().parent.parent / "tests" / "helpers" / "parent" / "scaling_reference.py"
+)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def sizes_for(counts: Counts) -> Sizes:
 
 # -- the two cores ---------------------------------------------------------------------------------
 def reference_module() -> ModuleType | None:
-    """The old core (``tests/helpers/scaling_reference.py``), or None outside a checkout."""
+    """The old core (``tests/helpers/parent/scaling_reference.py``), or None outside a checkout."""
     if not REFERENCE.exists():
         return None
     spec = importlib.util.spec_from_file_location("flame_bench_scaling_reference", REFERENCE)

@@ -12,7 +12,7 @@ and killed by the pool.
 
 With ``--partitions`` (the default where network namespaces can be made: root, ``ip`` and
 ``nft``; ``--no-partitions`` to turn it off) each runner starts in a network namespace of its
-own, joined to the parent by a veth pair on a bridge (``tests/helpers/netns.py``), and the
+own, joined to the parent by a veth pair on a bridge (``tests/helpers/parent/netns.py``), and the
 chaos thread has a third kind of fault: it cuts a settled runner off, silently (its veth set
 down, or nftables dropping every packet in its namespace), some for less than the heartbeat
 timeout (to be ridden out), some for longer (both sides must notice: the runner leaves by
@@ -411,7 +411,7 @@ def _netns() -> Any:
     tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    from helpers import netns
+    from helpers.parent import netns
 
     return netns
 
@@ -427,7 +427,7 @@ def partitions_unavailable() -> str | None:
 @dataclass
 class Cut:
     proc: Proc
-    handle: Any  # helpers.netns.WatchedHandle; .netns is the runner's namespace
+    handle: Any  # helpers.parent.netns.WatchedHandle; .netns is the runner's namespace
     mode: str  # "link" or "drop"
     at: float
     until: float

@@ -76,7 +76,7 @@ def _image_env() -> dict[str, str]:
 def _fly(stacks: Stacks) -> Callable[[], flame.Backend]:
     from flame.backends.fly import FlyRateLimits
     from flame.testing.fly import FlyMachinesEmulator
-    from helpers import fly_traffic
+    from helpers.parent import fly_traffic
 
     # Fly's rate limits, 50 times faster on both sides: the suite boots hundreds of runners
     # (tests/test_fly_pacing.py holds the backend to the real ones)

@@ -3,7 +3,7 @@
 
 Inspired by phoenixframework/flame's test/flame_test.exs ("cast", "process placement",
 "call links", "cast with link false"), written anew for flame's Python API. Work on runners
-reports back through files; see ``helpers.pool_helpers``.
+reports back through files; see ``helpers.runner.pool_work``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pytest
 
 import flame
 from helpers import assert_pids_gone, pid_alive, wait_until
-from helpers import pool_helpers as ph
-from helpers.pool_helpers import holds_for
+from helpers.parent.callers import holds_for
+from helpers.runner import pool_work as ph
 
 TESTS_DIR = str(Path(__file__).parent)
 MAX, MAX_CONCURRENCY = 2, 4
@@ -91,7 +91,7 @@ def test_cast_failure_is_logged_with_the_remote_traceback_and_never_raised(
     assert isinstance(error, ValueError)
     assert isinstance(error.__cause__, flame.RemoteTraceback)
     remote = str(error.__cause__)
-    assert "pool_helpers.py" in remote and "in fail" in remote
+    assert "pool_work.py" in remote and "in fail" in remote
     assert "raise ValueError(message)" in remote
     # the logged text carries the remote traceback too
     assert "raise ValueError(message)" in caplog.text
@@ -240,7 +240,7 @@ def test_child_is_never_restarted_after_its_runner_dies(
 def test_unlinked_work_outlives_a_killed_parent_and_linked_work_does_not(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
-    code = "import sys; from helpers.pool_helpers import link_parent_main as m; m(sys.argv[1], 1.0)"
+    code = "import sys; from helpers.parent.link_parent import main as m; m(sys.argv[1], 1.0)"
     log = (tmp_path / "parent.log").open("wb")
     parent = subprocess.Popen(
         [sys.executable, "-c", code, str(tmp_path)],

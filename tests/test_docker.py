@@ -43,8 +43,8 @@ from flame.backends.docker import (
     process_key,
 )
 from helpers import pid_alive, wait_until
-from helpers import pool_helpers as ph
-from helpers.pool_helpers import Caller
+from helpers.parent.callers import Caller
+from helpers.runner import pool_work as ph
 from platforms.docker import assert_no_containers, containers, engine, image, share_dir
 
 TESTS_DIR = str(Path(__file__).parent)
@@ -440,7 +440,7 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 import flame
 from flame.backends.docker import process_key
-from helpers import pool_helpers as ph
+from helpers.runner import pool_work as ph
 backend = flame.DockerBackend({image!r}, network="host", app="helpers", extra_config={extra!r})
 pool = flame.Pool("orphans", min={min}, max=2, backend=backend, boot_timeout=60)
 if {min}:

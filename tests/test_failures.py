@@ -23,7 +23,7 @@ import pytest
 
 import flame
 from helpers import pid_alive, runner_pids, wait_until
-from helpers.pool_helpers import Caller
+from helpers.parent.callers import Caller
 
 
 # -- code that runs on runners ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ name is an error: Fly would ignore it at best). The emulator's answers are check
 the answer schemas too, so that the emulator cannot drift from the document either.
 
 The traffic is that of the whole behavioural suite on the Fly backend (``tests/conftest.py``'s
-``_fly`` factory keeps each emulator in ``helpers.fly_traffic``; this module runs after every
+``_fly`` factory keeps each emulator in ``helpers.parent.fly_traffic``; this module runs after every
 other test), plus a scenario of its own that makes the backend send each kind of request it
 has. A clone without ``../shared`` skips, saying so, unless ``CI`` is set: then it fails.
 """
@@ -31,7 +31,7 @@ import pytest
 from flame import RunnerLaunch
 from flame.backends.fly import FlyBackend, FlyRateLimits
 from flame.testing.fly import FlyMachinesEmulator, RecordedRequest
-from helpers import fly_traffic
+from helpers.parent import fly_traffic
 
 jsonschema = pytest.importorskip("jsonschema")  # the dev extra has it
 

@@ -32,8 +32,8 @@ from flame._exits import ExitCode
 from flame._parent import LaunchInfo
 from flame.backends import _zygote
 from helpers import assert_pids_gone, pid_alive, runner_pids, wait_until
-from helpers import fork_work as work
-from helpers.wire_tools import RecordingProcessBackend
+from helpers.parent.wire_tools import RecordingProcessBackend
+from helpers.runner import fork_work as work
 
 pytestmark = pytest.mark.skipif(not _zygote.supported(), reason="no fork server here")
 
@@ -103,7 +103,7 @@ def test_the_exit_status_of_a_forked_runner_reaches_the_error(
 
 @pytest.mark.timeout(30)
 def test_a_forked_runner_whose_app_fails_shows_its_output_in_the_boot_error() -> None:
-    backend = RecordingProcessBackend(app=str(HELPERS / "lifecycle_bad_app.py"))
+    backend = RecordingProcessBackend(app=str(HELPERS / "runner" / "lifecycle_bad_app.py"))
     pool = flame.Pool("fork-bad-app", min=1, max=1, backend=backend, boot_timeout=15)
     with pytest.raises(flame.BootError) as info:
         pool.start()
@@ -130,9 +130,11 @@ def test_a_forked_runner_that_does_not_forward_writes_to_our_descriptors(
 def test_preloaded_modules_are_imported_once_in_the_fork_server(
     runner_pids_seen: set[int],
 ) -> None:
-    backend = flame.ProcessBackend(preload=["helpers.fork_preload_marker"])
+    backend = flame.ProcessBackend(preload=["helpers.runner.fork_preload_marker"])
     first = _where(backend, "fork-preload-1")
-    second = _where(flame.ProcessBackend(preload=["helpers.fork_preload_marker"]), "fork-p-2")
+    second = _where(
+        flame.ProcessBackend(preload=["helpers.runner.fork_preload_marker"]), "fork-p-2"
+    )
     runner_pids_seen.update((first["pid"], second["pid"]))
     assert first["preloaded_in"] == first["ppid"] == second["preloaded_in"]
     assert first["pid"] != second["pid"]
@@ -146,9 +148,9 @@ def test_preloaded_modules_are_imported_once_in_the_fork_server(
 @pytest.mark.parametrize(
     ("module", "why"),
     [
-        ("helpers.fork_preload_thread", "2 threads after preloading (Python threads: pre"),
+        ("helpers.runner.fork_preload_thread", "2 threads after preloading (Python threads: pre"),
         ("helpers.no_such_module_here", "ModuleNotFoundError"),
-        ("helpers.fork_preload_calls", "CalledWhileImporting"),
+        ("helpers.runner.fork_preload_calls", "CalledWhileImporting"),
     ],
 )
 def test_an_unsafe_or_failing_preload_falls_back_to_spawning(
@@ -280,7 +282,7 @@ def test_the_fork_server_does_not_outlive_a_killed_parent(tmp_path: Path) -> Non
             import os, sys, time
             import flame
             sys.path.insert(0, sys.argv[1])
-            from helpers import fork_work
+            from helpers.runner import fork_work
 
             if __name__ == "__main__":
                 with flame.Pool("fork-parent", max=1, backend=flame.ProcessBackend()) as p:

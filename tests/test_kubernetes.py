@@ -1984,7 +1984,7 @@ def test_a_runner_pod_that_cannot_start_fails_the_call_fast(plane: Plane) -> Non
 
 
 def test_an_app_that_crashes_at_start_fails_the_call_and_leaves_nothing(plane: Plane) -> None:
-    backend = plane.backend(app="helpers.bad_app")
+    backend = plane.backend(app="helpers.runner.bad_app")
     crash = pytest.raises(flame.BootError, match=r"exited with code 209 \(importing the app")
     with flame.Pool("k8s-crash", max=1, backend=backend, boot_timeout=30) as pool, crash:
         flame.call(pool, square, 2)

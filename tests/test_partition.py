@@ -1,7 +1,7 @@
 """Real network partitions between a parent and its runner (Linux network namespaces).
 
 The runner of a ``ProcessBackend`` pool starts inside a network namespace, joined to this
-process by a veth pair (``helpers.netns``): the parent's listener binds the parent-side
+process by a veth pair (``helpers.parent.netns``): the parent's listener binds the parent-side
 address and the runner dials it across the pair. The test then cuts the pair in one of two
 silent ways, neither of which sends a FIN or an RST to anyone:
 
@@ -42,10 +42,18 @@ import pytest
 import flame
 from flame._exits import ExitCode
 from helpers import pid_alive, wait_until
-from helpers import wire_work as work
-from helpers.netns import CUTS, Netns, NetnsBackend, TcpSocket, my_sockets, root_tcp, unavailable
-from helpers.netns import write_wrapper as make_wrapper
-from helpers.pool_helpers import Caller
+from helpers.parent.callers import Caller
+from helpers.parent.netns import (
+    CUTS,
+    Netns,
+    NetnsBackend,
+    TcpSocket,
+    my_sockets,
+    root_tcp,
+    unavailable,
+)
+from helpers.parent.netns import write_wrapper as make_wrapper
+from helpers.runner import wire_work as work
 
 HB_INTERVAL = 0.2
 HB_TIMEOUT = 1.5

@@ -4,7 +4,7 @@ ProcessBackend, through the public API.
 Inspired by phoenixframework/flame's test/flame_test.exs (growth on demand, queueing with
 timeouts, failed async boots, idle shutdown, runner DOWN failing its checkouts), written anew
 for flame's Python API. Work that must be observed from here talks back through files (a
-runner is another process): see ``helpers.pool_helpers``.
+runner is another process): see ``helpers.runner.pool_work``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import pytest
 
 import flame
 from helpers import assert_pids_gone, pid_alive, runner_pids, wait_until
-from helpers import pool_helpers as ph
-from helpers.pool_helpers import Caller, holds_for
+from helpers.parent.callers import Caller, holds_for
+from helpers.runner import pool_work as ph
 
-BAD_APP = str(Path(__file__).parent / "helpers" / "bad_app.py")
+BAD_APP = str(Path(__file__).parent / "helpers" / "runner" / "bad_app.py")
 
 
 # -- fixtures --------------------------------------------------------------------------------------

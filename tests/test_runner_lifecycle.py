@@ -41,18 +41,18 @@ import pytest
 import flame
 from flame._exits import ExitCode
 from helpers import pid_alive, wait_until
-from helpers import wire_work as work
-from helpers.pool_helpers import Caller
-from helpers.wire_tools import (
+from helpers.parent.callers import Caller
+from helpers.parent.wire_tools import (
     RecordingProcessBackend,
     finish,
     launch_info,
     start_runner,
 )
+from helpers.runner import wire_work as work
 
 HELPERS = Path(__file__).parent / "helpers"
-BAD_APP = str(HELPERS / "lifecycle_bad_app.py")
-HANG_APP = str(HELPERS / "lifecycle_hang_app.py")
+BAD_APP = str(HELPERS / "runner" / "lifecycle_bad_app.py")
+HANG_APP = str(HELPERS / "runner" / "lifecycle_hang_app.py")
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ def test_stop_cancels_work_that_outlasts_shutdown_timeout(fast: None, tmp_path: 
 # -- parent loss -----------------------------------------------------------------------------------
 @pytest.fixture
 def parent_process(tmp_path: Path) -> Iterator[Any]:
-    """Starts ``helpers/lifecycle_parent.py`` (a parent with one runner doing linked and
+    """Starts ``helpers/parent/lifecycle_parent.py`` (a parent with one runner doing linked and
     unlinked work); yields a function that starts it and returns (parent, runner pid)."""
     procs: list[subprocess.Popen[bytes]] = []
     pids: list[int] = []
@@ -280,7 +280,7 @@ def parent_process(tmp_path: Path) -> Iterator[Any]:
         proc = subprocess.Popen(
             [
                 sys.executable,
-                str(HELPERS / "lifecycle_parent.py"),
+                str(HELPERS / "parent" / "lifecycle_parent.py"),
                 str(tmp_path),
                 str(shutdown_timeout),
                 str(unlinked_seconds),

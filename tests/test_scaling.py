@@ -7,7 +7,7 @@ each action and after each event. The example tests below drive it by hand; the 
 state machine and the seeded soak drive it with random event sequences.
 
 Every event a ``Sim`` sends also goes to the slow reference model
-(``helpers.scaling_reference``: the core as it was before it was indexed, issue 17), and the
+(``helpers.parent.scaling_reference``: the core as it was before it was indexed, issue 17), and the
 two must answer with the same actions, in the same order, and end in the same state; the
 core's indexes are audited against a recount after each event. The last part of this file
 does the same on larger pools (dozens of runners, hundreds of waiters), where the indexes
@@ -45,7 +45,7 @@ from flame._scaling import (
     Scaler,
     Wake,
 )
-from helpers.scaling_reference import ReferenceScaler
+from helpers.parent.scaling_reference import ReferenceScaler
 
 DEBOUNCE = 1.0
 B, R, X = RState.BOOTING, RState.READY, RState.RETIRING

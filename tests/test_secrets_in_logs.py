@@ -61,9 +61,10 @@ import pytest
 
 import flame
 from flame._parent import LaunchInfo
-from helpers import log_work, wait_until
-from helpers import wire_work as work
-from helpers.pool_helpers import Caller
+from helpers import wait_until
+from helpers.parent.callers import Caller
+from helpers.runner import log_work
+from helpers.runner import wire_work as work
 
 # Machine and Pod processes import flame and the helpers the way a runner in the image would.
 IMAGE_ENV = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -552,7 +553,7 @@ def test_process_backend_run_leaks_no_secret(
             flame.Pool(
                 "sl-process-bad-app",
                 max=1,
-                backend=rec.wrap(flame.ProcessBackend(app="helpers.bad_app")),
+                backend=rec.wrap(flame.ProcessBackend(app="helpers.runner.bad_app")),
                 **POOL_OPTIONS,
                 **hooks(capture),
             ),
@@ -673,7 +674,7 @@ def test_fly_backend_run_leaks_no_secret_or_token(
             flame.Pool(
                 "sl-fly-bad-app",
                 max=1,
-                backend=rec.wrap(fly_backend(fly, fly_token, app_module="helpers.bad_app")),
+                backend=rec.wrap(fly_backend(fly, fly_token, app_module="helpers.runner.bad_app")),
                 **POOL_OPTIONS,
                 **hooks(capture),
             ),
@@ -795,7 +796,7 @@ def test_kubernetes_backend_run_leaks_no_secret_or_token(
             flame.Pool(
                 "sl-k8s-bad-app",
                 max=1,
-                backend=rec.wrap(k8s_backend(k8s.kubeconfig, app="helpers.bad_app")),
+                backend=rec.wrap(k8s_backend(k8s.kubeconfig, app="helpers.runner.bad_app")),
                 **POOL_OPTIONS,
                 **hooks(capture),
             ),

@@ -3,7 +3,7 @@ other versions, and where the runner secret must never show.
 
 The listener is the real one (``flame._runner.Listener.get("127.0.0.1")``, on flame's
 background loop), the one ProcessBackend runners dial. A legitimate runner is registered with
-``Listener.expect`` and played by :class:`helpers.wire_tools.RawClient`, or is a real runner
+``Listener.expect`` and played by :class:`helpers.parent.wire_tools.RawClient`, or is a real runner
 process booted by a pool.
 
 What is proven:
@@ -48,10 +48,8 @@ from flame._listener import Listener
 from flame._parent import LaunchInfo
 from flame._wire import RunnerConfig
 from helpers import wait_until
-from helpers import wire_work as work
-from helpers.pool_helpers import Caller
-from helpers.skewed_app import SKEWED
-from helpers.wire_tools import (
+from helpers.parent.callers import Caller
+from helpers.parent.wire_tools import (
     RawClient,
     RecordingProcessBackend,
     connect,
@@ -65,6 +63,8 @@ from helpers.wire_tools import (
     wait_closed,
     with_secret,
 )
+from helpers.runner import wire_work as work
+from helpers.runner.skewed_app import SKEWED
 
 CONFIG = RunnerConfig(
     heartbeat_interval=1.0,
@@ -446,7 +446,7 @@ def test_a_runner_with_the_wrong_secret_cannot_connect() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_runner_of_other_versions_is_refused_naming_both() -> None:
-    backend = RecordingProcessBackend(app="helpers.skewed_app")
+    backend = RecordingProcessBackend(app="helpers.runner.skewed_app")
     pool = flame.Pool("sec-skew", min=1, max=1, backend=backend, boot_timeout=15)
     with pytest.raises(flame.BootError) as info:
         pool.start()
@@ -473,7 +473,7 @@ def test_a_refused_runner_exits_with_refused(
         runner_id=rid,
         secret=secret,
         addresses=(("127.0.0.1", listener.port),),
-        app={"module": "helpers.skewed_app"},
+        app={"module": "helpers.runner.skewed_app"},
         sys_path=tuple(sys.path),
         failsafe=15.0,
     )

@@ -36,7 +36,7 @@ import pytest
 
 import flame
 from flame import _serialize
-from helpers import wire_work as work
+from helpers.runner import wire_work as work
 
 MB = 1 << 20
 
@@ -124,7 +124,7 @@ def test_a_main_script_pickles_by_reference_and_ships_closures(tmp_path: Path) -
 
 def test_functions_of_importable_modules_travel_by_reference() -> None:
     data, bufs = _serialize.dumps(work.digest_and_flip)
-    assert bufs == [] and b"helpers.wire_work" in data
+    assert bufs == [] and b"helpers.runner.wire_work" in data
     assert work.digest_and_flip.__code__.co_code not in data
     assert _serialize.loads(data) is work.digest_and_flip
 
@@ -287,7 +287,7 @@ def _caller_side_failures() -> list[tuple[str, Any, tuple[Any, ...], list[str]]]
             "method",
             work.Holder(lock).get,
             (),
-            ["Holder.get", "object it is bound to", "helpers.wire_work.Holder"],
+            ["Holder.get", "object it is bound to", "helpers.runner.wire_work.Holder"],
         ),
         ("generator", work.identity, (x for x in ()), ["argument 0", "generator"]),
     ]

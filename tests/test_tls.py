@@ -25,8 +25,8 @@ import flame
 from flame import _tls, _wire
 from flame._listener import Listener
 from helpers import wait_until
-from helpers import wire_work as work
-from helpers.wire_tools import RecordingProcessBackend, TcpProxy, jframe, via
+from helpers.parent.wire_tools import RecordingProcessBackend, TcpProxy, jframe, via
+from helpers.runner import wire_work as work
 
 pytest.importorskip("cryptography")
 

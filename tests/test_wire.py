@@ -40,9 +40,8 @@ from flame._exits import ExitCode
 from flame._listener import Listener
 from flame._wire import RunnerConfig
 from helpers import pid_alive, wait_until
-from helpers import wire_work as work
-from helpers.pool_helpers import Caller
-from helpers.wire_tools import (
+from helpers.parent.callers import Caller
+from helpers.parent.wire_tools import (
     LoopThread,
     Peer,
     RawClient,
@@ -55,6 +54,7 @@ from helpers.wire_tools import (
     via,
     wait_closed,
 )
+from helpers.runner import wire_work as work
 
 CONFIG = RunnerConfig(
     heartbeat_interval=1.0,

@@ -20,8 +20,8 @@ import pytest
 
 import flame
 from flame import _serialize, _wire
-from helpers import wire_work as work
-from helpers.wire_tools import LoopThread
+from helpers.parent.wire_tools import LoopThread
+from helpers.runner import wire_work as work
 
 MB = 1 << 20
 

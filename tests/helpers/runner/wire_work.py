@@ -114,8 +114,8 @@ def gated(workdir: str, tag: str, limit: float = 60.0) -> str:
 def timed(workdir: str, tag: str, seconds: float) -> str:
     """Write ``<tag>.started``, work ``seconds``, write ``<tag>.done`` (or ``.cancelled``)."""
     d = Path(workdir)
-    (d / f"{tag}.started").write_text(str(os.getpid()))
-    try:
+    try:  # a cancel may land as soon as .started exists: within the try, then
+        (d / f"{tag}.started").write_text(str(os.getpid()))
         nap(seconds)
     except BaseException as exc:
         (d / f"{tag}.cancelled").write_text(f"{type(exc).__name__} {time.monotonic()}")

@@ -9,7 +9,7 @@ import sys
 import time
 
 import flame
-from helpers import wire_work as work
+from helpers.runner import wire_work as work
 
 if __name__ == "__main__":
     workdir, shutdown_timeout, unlinked = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])

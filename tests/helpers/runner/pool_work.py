@@ -1,15 +1,9 @@
-"""Helpers for the pool, cast, child and map tests.
+"""Work that runs *on runners* in the pool, cast, child and map tests.
 
-Two kinds of things live here:
-
-* functions and classes that run *on runners* (they are pickled by reference, so a
-  ProcessBackend runner imports this module through the parent's ``sys.path``); they talk
-  back to the test through files in a temporary directory, since a runner is another
-  process, and every wait in them is a short-sleep poll so that a cancel (an exception raised
-  in the worker thread) interrupts them promptly;
-* parent-side utilities: ``holds_for`` (a predicate stays true for a while) and ``Caller``
-  (a call in a thread, keeping its result or error); ``wait_until`` and the process checks
-  are the shared ones from ``helpers``.
+Functions and classes pickled by reference (a ProcessBackend runner imports this module
+through the parent's ``sys.path``); they talk back to the test through files in a temporary
+directory, since a runner is another process, and every wait in them is a short-sleep poll
+so that a cancel (an exception raised in the worker thread) interrupts them promptly.
 """
 
 from __future__ import annotations
@@ -18,22 +12,10 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flame
-
-
-def holds_for(predicate: Callable[[], Any], duration: float) -> bool:
-    """True if ``predicate`` stays true for the whole of ``duration`` (polled): for checking
-    that something does *not* happen (no boot, no shutdown) within a bounded window."""
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 # -- work that runs on runners ---------------------------------------------------------------------
@@ -217,45 +199,6 @@ class Sleeper:
             time.sleep(0.01)
 
 
-# -- parent side: callers in threads ---------------------------------------------------------------
-class Caller(threading.Thread):
-    """Runs ``fn(*args, **kwargs)`` in a thread and keeps its result or exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(daemon=True)
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.started_at = 0.0
-        self.elapsed = -1.0
-        self.start()
-
-    def run(self) -> None:
-        self.started_at = time.monotonic()
-        try:
-            self.result = self.fn(*self.args, **self.kwargs)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.elapsed = time.monotonic() - self.started_at
-
-    def outcome(self, timeout: float = 20.0) -> Any:
-        """The result (or raise the error) once the call ends; fail if it does not."""
-        self.join(timeout)
-        assert not self.is_alive(), f"{self.fn} did not return within {timeout:g}s"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def failure(self, timeout: float = 20.0) -> BaseException:
-        """The exception the call ended with; fail if it returned."""
-        self.join(timeout)
-        assert not self.is_alive(), f"{self.fn} did not return within {timeout:g}s"
-        assert self.error is not None, f"expected an error, got {self.result!r}"
-        return self.error
-
-
-# -- a parent process to kill (link tests) ---------------------------------------------------------
 class Writer:
     """A placed child whose run() writes ``done`` after ``seconds`` (like ``write_after``)."""
 
@@ -265,51 +208,3 @@ class Writer:
     def run(self) -> str:
         write_after(*self.args)
         return "written"
-
-
-LINK_WORK = ("unlinked-cast", "linked-cast", "unlinked-child", "linked-child")
-
-
-def link_parent_main(workdir: str, seconds: float) -> None:
-    """Run as a separate parent process, to be SIGKILLed by the test.
-
-    Starts, on one runner, a cast and a placed child with ``link=False`` and the same with
-    ``link=True``; each writes ``<name>.started`` at once and ``<name>.done`` after
-    ``seconds``. Also places a linked child without ``run()`` (a ``Counter``) whose
-    ``close()`` writes ``linked-counter.closed``. Once all have started, writes the runner's
-    pid to ``ready`` and waits. A long cancel grace makes a runner that waits for it stand out.
-    """
-    d = Path(workdir)
-    flame.configure(cancel_grace=30.0)
-    pool = flame.Pool(
-        "link-parent",
-        max=1,
-        max_concurrency=5,
-        backend=flame.ProcessBackend(),
-        shutdown_timeout=10,
-        idle_shutdown_after=None,
-    )
-    pool.start()
-
-    def paths(name: str) -> tuple[str, str]:
-        return str(d / f"{name}.done"), str(d / f"{name}.started")
-
-    done, started = paths("unlinked-cast")
-    pool.cast(write_after, done, seconds, started, link=False)
-    done, started = paths("linked-cast")
-    pool.cast(write_after, done, seconds, started, link=True)
-    done, started = paths("unlinked-child")
-    pool.place_child(Writer, done, seconds, started, link=False)
-    done, started = paths("linked-child")
-    pool.place_child(Writer, done, seconds, started, link=True)
-    pool.place_child(Counter, 0, str(d / "linked-counter.closed"), link=True)
-    deadline = time.monotonic() + 30
-    while not all((d / f"{name}.started").exists() for name in LINK_WORK):
-        if time.monotonic() > deadline:
-            raise SystemExit("the work never started")
-        time.sleep(0.01)
-    pids = {(d / f"{name}.started").read_text() for name in LINK_WORK}
-    assert len(pids) == 1, pids
-    mark(str(d / "ready"), pids.pop())
-    while True:  # until the test kills us
-        time.sleep(1)

@@ -14,12 +14,12 @@ from typing import Any
 
 def whereami() -> dict[str, Any]:
     """The runner's pid, parent, session, command line and initial environment, and the pid
-    of the process that imported ``helpers.fork_preload_marker`` (if it was preloaded)."""
+    of the process that imported ``helpers.runner.fork_preload_marker`` (if it was preloaded)."""
     with open("/proc/self/cmdline", "rb") as f:
         cmdline = f.read()
     with open("/proc/self/environ", "rb") as f:
         environ = f.read()
-    marker = sys.modules.get("helpers.fork_preload_marker")
+    marker = sys.modules.get("helpers.runner.fork_preload_marker")
     return {
         "pid": os.getpid(),
         "ppid": os.getppid(),

@@ -15,7 +15,7 @@
 * :func:`rss_bytes` (this process's resident memory) and :func:`run_runner` (start
   ``python -m flame runner`` by hand).
 
-Nothing here runs on a runner (that is ``helpers.wire_work``).
+Nothing here runs on a runner (that is ``helpers.runner.wire_work``).
 """
 
 from __future__ import annotations
