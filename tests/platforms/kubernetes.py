@@ -588,10 +588,12 @@ class RealPlane(_Plane):
         return None
 
     def create_pod(self, pod: JSON) -> JSON:
-        """Create a Pod as the admin, retrying v1.20's "No API token found" (500) once more."""
+        """Create a Pod as the admin, retrying what the API server says while its caches
+        catch up: v1.20's "No API token found" (500) for a new ServiceAccount, and "no
+        PriorityClass" (403) from the admission plugin for one just created."""
         for _ in range(20):
             r = self.control.api("POST", f"{self._ns_path}/pods", pod)
-            if r.status_code != 500:
+            if r.status_code != 500 and "no PriorityClass with name" not in r.text:
                 break
             time.sleep(0.5)
         if r.status_code != 201:
