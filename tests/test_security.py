@@ -46,10 +46,10 @@ from flame import _serialize, _wire
 from flame._exits import ExitCode
 from flame._listener import Listener
 from flame._parent import LaunchInfo
-from flame._wire import RunnerConfig
 from helpers import wait_until
 from helpers.parent.callers import Caller
 from helpers.parent.wire_tools import (
+    CONFIG,
     RawClient,
     RecordingProcessBackend,
     connect,
@@ -65,16 +65,6 @@ from helpers.parent.wire_tools import (
 )
 from helpers.runner import wire_work as work
 from helpers.runner.skewed_app import SKEWED
-
-CONFIG = RunnerConfig(
-    heartbeat_interval=1.0,
-    heartbeat_timeout=8.0,
-    idle_after=None,
-    shutdown_timeout=1.0,
-    single_use=False,
-    cancel_grace=3.0,
-    max_frame=1 << 30,
-)
 
 PROMPT = 1.0  # "at once": well below the 5 s handshake timeout
 

@@ -38,10 +38,10 @@ import flame
 from flame import _serialize, _wire
 from flame._exits import ExitCode
 from flame._listener import Listener
-from flame._wire import RunnerConfig
 from helpers import pid_alive, wait_until
 from helpers.parent.callers import Caller
 from helpers.parent.wire_tools import (
+    CONFIG,
     LoopThread,
     Peer,
     RawClient,
@@ -55,16 +55,6 @@ from helpers.parent.wire_tools import (
     wait_closed,
 )
 from helpers.runner import wire_work as work
-
-CONFIG = RunnerConfig(
-    heartbeat_interval=1.0,
-    heartbeat_timeout=8.0,
-    idle_after=None,
-    shutdown_timeout=1.0,
-    single_use=False,
-    cancel_grace=3.0,
-    max_frame=1 << 30,
-)
 
 FUZZ = settings(
     max_examples=60,

@@ -38,7 +38,19 @@ from typing import Any, TypeVar
 import flame
 from flame import _wire
 from flame._parent import LaunchInfo
+from flame._wire import RunnerConfig
 from flame.backends.process import ProcessHandle
+
+#: what the wire tests tell a runner in WELCOME (a listener expecting one)
+CONFIG = RunnerConfig(
+    heartbeat_interval=1.0,
+    heartbeat_timeout=8.0,
+    idle_after=None,
+    shutdown_timeout=1.0,
+    single_use=False,
+    cancel_grace=3.0,
+    max_frame=1 << 30,
+)
 
 T = TypeVar("T")
 
