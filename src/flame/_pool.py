@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import functools
 import logging
 import math
 import threading
@@ -28,7 +27,7 @@ from . import _calls, _lifecycle, _loop, _parent, _scaling, _tls
 from ._calls import Child
 from ._errors import BootError, CallTimeout, PoolClosed, PoolNotFound
 from ._parent import parent as _current_parent
-from ._record import Wakes, wake_all
+from ._record import Waker, Wakes, wake_all
 from ._runner import Runner, RunnerSpec
 from ._sentinel import DEFAULT as _DEFAULT
 from ._settings import resolve_backend, settings
@@ -68,53 +67,32 @@ class PoolStats:
     max_concurrency: int
 
 
-class _Waiter:
-    """A caller waiting for a runner: a thread (a lock it blocks on), an asyncio task (a
-    future on its loop), or a cast (a function called on the pool's loop, no task at all)."""
+class _Waiter(Waker):
+    """A caller waiting for a runner: a thread, an asyncio task, or a cast (a function
+    called on the pool's loop, no task at all), told as :class:`flame._record.Waker` says."""
 
-    __slots__ = ("_fut", "_lock", "_loop", "_then", "done", "error", "runner", "wid")
+    __slots__ = ("done", "error", "runner", "wid")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop | None,
         then: Callable[[Runner | None, BaseException | None], None] | None = None,
     ) -> None:
+        super().__init__(loop, then)
         self.done = False
         self.wid = 0  # its number in the pool's queue
         self.runner: Runner | None = None
         self.error: BaseException | None = None
-        self._loop = loop
-        self._then = then
-        self._fut: asyncio.Future[None] | None = None
-        self._lock: threading.Lock | None = None
-        if loop is None:
-            self._lock = threading.Lock()
-            self._lock.acquire()
-        elif then is None:
-            self._fut = loop.create_future()
 
-    def _set(self, wakes: Wakes) -> None:  # under the pool lock
-        self.done = True
-        if self._lock is not None:
-            self._lock.release()
-        elif self._loop is not None:  # woken with the others of the same events, per loop
-            item: Any = self._fut
-            if self._then is not None:
-                item = functools.partial(self._then, self.runner, self.error)
-            wakes.setdefault(self._loop, []).append(item)
-
-    def assign(self, runner: Runner, wakes: Wakes) -> None:
+    def assign(self, runner: Runner, wakes: Wakes) -> None:  # under the pool lock
         self.runner = runner
-        self._set(wakes)
+        self.done = True
+        self._wake(wakes, runner, None)
 
-    def fail(self, error: BaseException, wakes: Wakes) -> None:
+    def fail(self, error: BaseException, wakes: Wakes) -> None:  # under the pool lock
         self.error = error
-        self._set(wakes)
-
-    @property
-    def future(self) -> asyncio.Future[None]:
-        assert self._fut is not None
-        return self._fut
+        self.done = True
+        self._wake(wakes, None, error)
 
 
 def _check_time(name: str, value: Any, *, allow_none: bool) -> float | None:
@@ -617,7 +595,7 @@ class Pool:
         if not w.done:
             timeout = None if deadline is None else deadline - time.monotonic() + 0.05
             try:
-                got = w._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))  # type: ignore[union-attr]
+                got = w.wait(timeout)
             except BaseException:
                 self.give_up(w)
                 raise

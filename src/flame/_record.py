@@ -163,14 +163,56 @@ _resolve_lock = threading.Lock()
 Wakes = dict[asyncio.AbstractEventLoop, list[Any]]
 
 
-class Pending:
+class Waker:
+    """How whoever waits is told: a thread blocks on a lock, an asyncio task awaits a future
+    on its loop, or, when nobody waits (a cast), a function is called on a loop."""
+
+    __slots__ = ("_fut", "_lock", "_loop", "_then")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None, then: Callable[..., None] | None
+    ) -> None:
+        self._loop = loop
+        self._then = then
+        self._fut: asyncio.Future[None] | None = None
+        self._lock: threading.Lock | None = None
+        if loop is None:
+            self._lock = threading.Lock()
+            self._lock.acquire()
+        elif then is None:
+            self._fut = loop.create_future()
+
+    def _wake(self, wakes: Wakes | None, *args: Any) -> None:
+        """Tell the waiter (``then`` gets ``args``); with ``wakes``, an asyncio waiter's
+        wake-up is collected there, for :func:`wake_all` to send with others in one go."""
+        if self._lock is not None:
+            self._lock.release()
+            return
+        if self._loop is None:
+            return
+        item: Any = self._fut if self._then is None else functools.partial(self._then, *args)
+        if wakes is not None:
+            wakes.setdefault(self._loop, []).append(item)
+            return
+        with contextlib.suppress(RuntimeError):  # the waiter's loop is gone
+            self._loop.call_soon_threadsafe(_set_all, [item])
+
+    def wait(self, timeout: float | None) -> bool:
+        """A thread's wait (``None``: no limit); False if ``timeout`` passed first."""
+        assert self._lock is not None
+        return self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
+
+    @property
+    def future(self) -> asyncio.Future[None]:
+        """An asyncio waiter's future."""
+        assert self._fut is not None
+        return self._fut
+
+
+class Pending(Waker):
     """A call in flight, resolved once from any thread."""
 
     __slots__ = (
-        "_fut",
-        "_lock",
-        "_loop",
-        "_then",
         "abandoned",
         "call_id",
         "done",
@@ -192,6 +234,7 @@ class Pending:
         linked: bool = True,
         then: Callable[[Pending], None] | None = None,
     ) -> None:
+        super().__init__(loop, then)  # then: called on ``loop`` once resolved (a cast)
         self.runner = runner
         self.call_id = call_id
         self.kind = kind
@@ -201,22 +244,10 @@ class Pending:
         self.form = Form.LOST
         self.status = Status.CANCELLED
         self.payload: Any = None
-        self._loop = loop
-        #: called on ``loop`` once resolved (a cast: nobody waits, no future is made)
-        self._then = then
-        self._fut: asyncio.Future[None] | None = None
-        self._lock: threading.Lock | None = None
-        if loop is None:
-            self._lock = threading.Lock()
-            self._lock.acquire()
-        elif then is None:
-            self._fut = loop.create_future()
 
     def resolve(self, form: Form, status: Status, payload: Any, wakes: Wakes | None = None) -> None:
         """Deliver the outcome. The slot bookkeeping (:meth:`settle`) is left to the caller,
-        off the delivering thread, unless the caller has already stopped waiting. With
-        ``wakes``, an asyncio caller's wake-up is collected there, for :func:`wake_all` to
-        send in one go with the others of the same batch."""
+        off the delivering thread, unless the caller has already stopped waiting."""
         with _resolve_lock:
             if self.done:
                 return
@@ -226,15 +257,7 @@ class Pending:
         if abandoned:
             self.settle()
             return
-        if self._lock is not None:
-            self._lock.release()
-        elif self._loop is not None:
-            item: Any = self._fut if self._then is None else functools.partial(self._then, self)
-            if wakes is not None:
-                wakes.setdefault(self._loop, []).append(item)
-                return
-            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                self._loop.call_soon_threadsafe(_set_all, [item])
+        self._wake(wakes, self)
 
     def lose(self, message: str) -> None:
         self.resolve(Form.LOST, Status.CANCELLED, message)
@@ -258,10 +281,6 @@ class Pending:
     def value(self) -> Any:
         """The call's result, or the error the caller must see."""
         return decode(self.form, self.status, self.payload)
-
-    def wait(self, timeout: float | None) -> bool:
-        assert self._lock is not None
-        return self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0))
 
     async def wait_async(self, timeout: float | None) -> bool:
         assert self._fut is not None
