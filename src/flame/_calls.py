@@ -26,7 +26,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _loop, _serialize, _wire
@@ -83,34 +82,44 @@ class CallTarget(Protocol):
     ) -> None: ...
 
 
-# -- the steps that wait, as the skeleton yields them -----------------------------------------
-@dataclass(slots=True)
+# -- the steps that wait, as the skeleton yields them (plain classes: cheap to make) ------------
 class _Start:
-    pool: CallTarget
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: CallTarget) -> None:
+        self.pool = pool
 
 
-@dataclass(slots=True)
 class _Checkout:
-    pool: CallTarget
-    deadline: float | None
+    __slots__ = ("deadline", "pool")
+
+    def __init__(self, pool: CallTarget, deadline: float | None) -> None:
+        self.pool, self.deadline = pool, deadline
 
 
-@dataclass(slots=True)
 class _Send:
-    runner: Runner
-    pending: Pending
-    flags: int
-    timeout: float | None
-    fn: Any
-    args: tuple[Any, ...]
-    section: Section
-    child_id: int = 0  # for a call on a placed child
+    __slots__ = ("args", "child_id", "flags", "fn", "pending", "runner", "section", "timeout")
+
+    def __init__(
+        self,
+        runner: Runner,
+        pending: Pending,
+        flags: int,
+        timeout: float | None,
+        fn: Any,
+        args: tuple[Any, ...],
+        section: Section,
+        child_id: int = 0,  # for a call on a placed child
+    ) -> None:
+        self.runner, self.pending, self.flags, self.timeout = runner, pending, flags, timeout
+        self.fn, self.args, self.section, self.child_id = fn, args, section, child_id
 
 
-@dataclass(slots=True)
 class _Wait:
-    pending: Pending
-    timeout: float | None
+    __slots__ = ("pending", "timeout")
+
+    def __init__(self, pending: Pending, timeout: float | None) -> None:
+        self.pending, self.timeout = pending, timeout
 
 
 _Step = _Start | _Checkout | _Send | _Wait
